@@ -1,0 +1,1 @@
+"""The attribution engine, its methods and the step functions."""

@@ -1,0 +1,227 @@
+"""The attribution engine: one forward pass shared by every teacher-forced step, batched backward.
+
+For a causal decoder the logits that predict target position ``t`` only depend on positions
+``< t``, so a single forward over the whole (prompt + target) sequence yields the predictions of
+every step. The gradients of all steps' scores then come from one vectorised backward
+(``torch.autograd.grad(..., is_grads_batched=True)``) per chunk of steps, chunked to a memory budget.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from .step_functions import StepFunctionArgs, step_function_kwargs
+
+if TYPE_CHECKING:
+    from ..models.batch import Batch
+
+DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass
+class EngineContext:
+    """Everything a method needs for one batch. Tensors are ``[B, L, ...]`` with B sequences.
+
+    ``score_fn`` is the attributed function (a step function), ``score_kwargs`` its extra arguments.
+    """
+
+    model: Any  # AttributionModel
+    batch: "Batch"
+    score_fn: Callable[..., torch.Tensor]
+    score_kwargs: dict[str, Any]
+    attribute_target: bool
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    positions: torch.Tensor = field(init=False)
+    valid: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.positions, self.valid = self.batch.step_index()
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.model.is_encoder_decoder
+
+    @property
+    def num_steps(self) -> int:
+        return self.positions.shape[1]
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def embeddings(self) -> list[torch.Tensor]:
+        """The tensors attributed by embedding-level methods: ``[source]`` (+ ``target`` when
+        ``attribute_target``) for encoder-decoder, ``[target]`` for decoder-only."""
+        b = self.batch
+        if self.is_encoder_decoder:
+            out = [self.model.embed(b.source_ids)]
+            if self.attribute_target:
+                out.append(self.model.embed(b.target_ids, as_targets=True))
+            return out
+        return [self.model.embed(b.target_ids)]
+
+    def baseline_embeddings(self) -> list[torch.Tensor]:
+        b = self.batch
+        if self.is_encoder_decoder:
+            out = [self.model.embed(b.source_baseline_ids)]
+            if self.attribute_target:
+                out.append(self.model.embed(b.target_baseline_ids, as_targets=True))
+            return out
+        return [self.model.embed(b.target_baseline_ids)]
+
+    def input_ids(self) -> list[torch.Tensor]:
+        b = self.batch
+        return [b.source_ids] if self.is_encoder_decoder else [b.target_ids]
+
+    def baseline_ids(self) -> list[torch.Tensor]:
+        b = self.batch
+        return [b.source_baseline_ids] if self.is_encoder_decoder else [b.target_baseline_ids]
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
+        """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
+        possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
+        b = self.batch
+        if self.is_encoder_decoder:
+            source = inputs[0]
+            target = inputs[1] if self.attribute_target else self.model.embed(b.target_ids, as_targets=True)
+            if target.shape[0] != source.shape[0]:
+                target = target.repeat(repeat, 1, 1)
+            return self.model.model(
+                inputs_embeds=source,
+                attention_mask=b.source_mask.repeat(repeat, 1),
+                decoder_inputs_embeds=target,
+                decoder_attention_mask=b.target_mask.repeat(repeat, 1),
+                **kwargs,
+            )
+        return self.model.model(inputs_embeds=inputs[0], attention_mask=b.target_mask.repeat(repeat, 1), **kwargs)
+
+    def forward_ids_with_layer(self, layer_output: torch.Tensor, repeat: int = 1, **kwargs) -> ModelOutput:
+        """Run the model from token ids, replacing the embedding layer's output (the one that
+        embeds the attributed side) with ``layer_output``."""
+        b = self.batch
+        # Decoder embeddings are computed before the hook exists: the layer may be shared.
+        decoder_embeds = self.model.embed(b.target_ids, as_targets=True) if self.is_encoder_decoder else None
+        layer = self.model.model.get_input_embeddings()
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            if self.is_encoder_decoder:
+                return self.model.model(
+                    input_ids=b.source_ids.repeat(repeat, 1),
+                    attention_mask=b.source_mask.repeat(repeat, 1),
+                    decoder_inputs_embeds=decoder_embeds.repeat(repeat, 1, 1),
+                    decoder_attention_mask=b.target_mask.repeat(repeat, 1),
+                    **kwargs,
+                )
+            return self.model.model(
+                input_ids=b.target_ids.repeat(repeat, 1), attention_mask=b.target_mask.repeat(repeat, 1), **kwargs
+            )
+        finally:
+            handle.remove()
+
+    # ---- scores ---------------------------------------------------------------------------
+    def step_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[R*B, T, V]`` logits -> ``[R*B, N, V]`` logits that predict each attributed step."""
+        repeat = logits.shape[0] // self.batch.size
+        index = (self.positions - 1).repeat(repeat, 1)
+        return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def step_target_ids(self, repeat: int = 1) -> torch.Tensor:
+        return self.batch.target_ids.gather(1, self.positions).repeat(repeat, 1)
+
+    def step_function_args(
+        self, step_logits: torch.Tensor, is_attributed_fn: bool, forward_again: Callable | None = None
+    ) -> StepFunctionArgs:
+        """Flatten ``[R*B, N, V]`` step logits into the ``[M, 1, V]`` view step functions read."""
+        rows, n, vocab = step_logits.shape
+        repeat = rows // self.batch.size
+        b = self.batch
+
+        def expand(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat(repeat, 1).repeat_interleave(n, 0)
+
+        return StepFunctionArgs(
+            attribution_model=self.model,
+            forward_output=ModelOutput(logits=step_logits.reshape(rows * n, 1, vocab)),
+            target_ids=self.step_target_ids(repeat).reshape(-1),
+            decoder_input_ids=expand(b.target_ids),
+            decoder_attention_mask=expand(b.target_mask),
+            encoder_input_ids=expand(b.source_ids),
+            encoder_attention_mask=expand(b.source_mask),
+            is_attributed_fn=is_attributed_fn,
+            forward_again=forward_again,
+        )
+
+    def scores(self, output: ModelOutput) -> torch.Tensor:
+        """``[R*B, N]`` values of the attributed function for every step (0 on padding steps)."""
+        logits = self.step_logits(output.logits)
+        args = self.step_function_args(logits, is_attributed_fn=True)
+        values = self.score_fn(args, **step_function_kwargs(self.score_fn, self.score_kwargs))
+        values = values.reshape(logits.shape[0], logits.shape[1]).to(logits.dtype)
+        valid = self.valid.repeat(values.shape[0] // self.batch.size, 1)
+        return torch.where(valid, values, torch.zeros_like(values))
+
+    # ---- gradients ------------------------------------------------------------------------
+    def step_chunk(self, rows: int, length: int) -> int:
+        """How many steps one vectorised backward may cover within the memory budget."""
+        config = self.model.model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 512)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 12)
+        per_step = rows * length * hidden * max(layers, 1) * 4 * 24  # activations touched per backward
+        return max(1, min(self.num_steps, int(self.memory_budget_bytes // max(per_step, 1))))
+
+    def step_gradients(
+        self, scores: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False
+    ) -> list[torch.Tensor]:
+        """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input."""
+        rows, n = scores.shape
+        chunk = self.step_chunk(rows, max(t.shape[1] for t in inputs))
+        per_input: list[list[torch.Tensor]] = [[] for _ in inputs]
+        for start in range(0, n, chunk):
+            steps = range(start, min(start + chunk, n))
+            eye = torch.zeros(len(steps), rows, n, dtype=scores.dtype, device=scores.device)
+            for j, k in enumerate(steps):
+                eye[j, :, k] = 1.0
+            keep = retain_graph or steps.stop < n
+            grads = _batched_grad(scores, inputs, eye, keep)
+            for i, g in enumerate(grads):
+                per_input[i].append(g)
+        # [N, rows, L, D] -> [rows, L, N, D]
+        return [torch.cat(chunks, 0).movedim(0, 2) for chunks in per_input]
+
+
+def _batched_grad(
+    scores: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor, retain_graph: bool
+) -> tuple[torch.Tensor, ...]:
+    """Vectorised backward (one pass for many steps); a plain loop where vmap cannot batch an op."""
+    try:
+        return torch.autograd.grad(
+            scores, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    except RuntimeError:
+        outs = [
+            torch.autograd.grad(scores, list(inputs), grad_outputs=g, retain_graph=True, allow_unused=True)
+            for g in grad_outputs
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def interpolation_chunks(n_points: int, batch_size: int, internal_batch_size: int | None) -> list[range]:
+    """Split integration points so that each forward holds at most ``internal_batch_size`` rows."""
+    if internal_batch_size is None:
+        return [range(n_points)]
+    per_forward = max(1, internal_batch_size // max(batch_size, 1))
+    return [range(s, min(s + per_forward, n_points)) for s in range(0, n_points, per_forward)]
+
+
+def nan_future_positions(attr: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mark target-side rows not yet generated at each step (row >= step position) as NaN.
+
+    ``attr``: ``[B, T, N, ...]``; ``positions`` / ``valid``: ``[B, N]``.
+    """
+    rows = torch.arange(attr.shape[1], device=attr.device).view(1, -1, 1)
+    future = (rows >= positions.unsqueeze(1)) | ~valid.unsqueeze(1)
+    future = future.view(*future.shape, *([1] * (attr.ndim - 3)))
+    return attr.masked_fill(future, math.nan)

@@ -1,0 +1,182 @@
+"""Gradient methods on input embeddings: saliency, input x gradient, integrated gradients,
+DeepLIFT and GradientSHAP, each computed from one forward per batch (per integration point)."""
+
+import torch
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from captum.attr._utils.approximation_methods import approximation_parameters
+
+from ..engine import EngineContext, interpolation_chunks
+from .base import AttributionMethod, MethodResult, register_method
+
+
+def _split(grads: list[torch.Tensor], ctx: EngineContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Map per-input results onto (source, target) sides."""
+    if ctx.is_encoder_decoder:
+        return grads[0], grads[1] if len(grads) > 1 else None
+    return None, grads[0]
+
+
+def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1):
+    """Forward on ``inputs`` and per-step gradients: (list of ``[R*B, L, N, D]``, model output)."""
+    inputs = [x.detach().requires_grad_(True) for x in inputs]
+    output = ctx.forward(inputs, repeat=repeat)
+    grads = ctx.step_gradients(ctx.scores(output), inputs)
+    return grads, output
+
+
+def _per_step(x: torch.Tensor) -> torch.Tensor:
+    """``[B, L, D]`` -> ``[B, L, 1, D]`` so it broadcasts over the step axis."""
+    return x.unsqueeze(2)
+
+
+@register_method
+class Saliency(AttributionMethod):
+    """``|d f / d e|`` (captum ``Saliency`` with ``abs=True``)."""
+
+    name = "saliency"
+
+    def attribute(self, ctx: EngineContext, abs: bool = True, **kwargs) -> MethodResult:
+        grads, output = _gradients_at(ctx, ctx.embeddings())
+        grads = [g.abs() if abs else g for g in grads]
+        return MethodResult(*_split(grads, ctx), output)
+
+
+@register_method
+class InputXGradient(AttributionMethod):
+    """``e * d f / d e`` (signed)."""
+
+    name = "input_x_gradient"
+
+    def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
+        inputs = ctx.embeddings()
+        grads, output = _gradients_at(ctx, inputs)
+        return MethodResult(*_split([_per_step(x) * g for x, g in zip(inputs, grads)], ctx), output)
+
+
+def _check_deeplift_applicable(model: torch.nn.Module, name: str) -> None:
+    blocking = sorted({type(m).__name__ for m in model.modules() if type(m) in SUPPORTED_NON_LINEAR})
+    if blocking:
+        raise NotImplementedError(
+            f"{name} on a model with {', '.join(blocking)} modules needs DeepLIFT's rescale rule, which the "
+            "batched engine does not implement; use integrated_gradients or input_x_gradient instead."
+        )
+
+
+@register_method
+class DeepLift(AttributionMethod):
+    """captum ``DeepLift`` with the UNK baseline.
+
+    Transformer language models apply their non-linearities as functions or custom modules
+    (GELU, SiLU), none of which captum's rescale rule rewrites, so DeepLIFT equals
+    ``(e - e') * d f / d e`` at the input; models with rewritten modules are refused.
+    """
+
+    name = "deeplift"
+
+    def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
+        _check_deeplift_applicable(ctx.model.model, self.name)
+        inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
+        grads, output = _gradients_at(ctx, inputs)
+        if multiply_by_inputs:
+            grads = [_per_step(x - b) * g for x, b, g in zip(inputs, baselines, grads)]
+        return MethodResult(*_split(grads, ctx), output)
+
+
+def integrate(
+    ctx: EngineContext,
+    inputs: list[torch.Tensor],
+    baselines: list[torch.Tensor],
+    run,
+    n_steps: int,
+    method: str,
+    internal_batch_size: int | None,
+) -> list[torch.Tensor]:
+    """Riemann/Gauss-Legendre integral of per-step gradients along ``baseline -> input``.
+
+    ``run(scaled_inputs, repeat)`` returns per-step gradients w.r.t. ``scaled_inputs``. Returns
+    the integrated gradients ``[B, L, N, D]`` per input (not yet multiplied by ``input - baseline``).
+    """
+    step_sizes_fn, alphas_fn = approximation_parameters(method)
+    step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
+    total = [None for _ in inputs]
+    batch = ctx.batch.size
+    for chunk in interpolation_chunks(n_steps, batch, internal_batch_size):
+        scaled = [torch.cat([b + alphas[a] * (x - b) for a in chunk], 0) for x, b in zip(inputs, baselines)]
+        grads = run(scaled, len(chunk))
+        for i, g in enumerate(grads):
+            weights = torch.tensor([step_sizes[a] for a in chunk], dtype=g.dtype, device=g.device)
+            g = g.reshape(len(chunk), batch, *g.shape[1:])
+            g = g * weights.view(-1, *([1] * (g.ndim - 1)))
+            total[i] = g.sum(0) if total[i] is None else total[i] + g.sum(0)
+    return total
+
+
+@register_method
+class IntegratedGradients(AttributionMethod):
+    """captum ``IntegratedGradients`` (``n_steps=50``, ``method="gausslegendre"``), from the UNK
+    baseline; every integration point is one forward shared by all steps."""
+
+    name = "integrated_gradients"
+
+    def attribute(
+        self,
+        ctx: EngineContext,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        multiply_by_inputs: bool = True,
+        **kwargs,
+    ) -> MethodResult:
+        inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
+
+        def run(scaled, repeat):
+            return _gradients_at(ctx, scaled, repeat)[0]
+
+        total = integrate(ctx, inputs, baselines, run, n_steps, method, internal_batch_size)
+        if multiply_by_inputs:
+            total = [g * _per_step(x - b) for g, x, b in zip(total, inputs, baselines)]
+        return MethodResult(*_split(total, ctx), None)
+
+
+@register_method
+class GradientShap(AttributionMethod):
+    """captum ``GradientShap``: the mean over ``n_samples`` random points ``b + a (x + noise - b)``,
+    ``a ~ U(0, 1)``, of ``(x + noise - b) * d f``. One uniform draw per sample and sequence is
+    shared by all steps of that sequence (inseq draws one per step), so numbers agree with inseq's
+    in expectation, not draw for draw. ``seed`` makes runs repeatable without touching global RNG."""
+
+    name = "gradient_shap"
+
+    def attribute(
+        self,
+        ctx: EngineContext,
+        n_samples: int = 5,
+        stdevs: float = 0.0,
+        seed: int | None = None,
+        multiply_by_inputs: bool = True,
+        internal_batch_size: int | None = None,
+        **kwargs,
+    ) -> MethodResult:
+        inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
+        device = inputs[0].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        batch = ctx.batch.size
+        coeff = torch.rand(n_samples, batch, generator=generator, device=device, dtype=inputs[0].dtype)
+        noisy = [
+            x.unsqueeze(0) + stdevs * torch.randn((n_samples, *x.shape), generator=generator, device=device)
+            if stdevs > 0 else x.unsqueeze(0).expand(n_samples, *x.shape)
+            for x in inputs
+        ]
+        total = [None for _ in inputs]
+        for chunk in interpolation_chunks(n_samples, batch, internal_batch_size):
+            idx = list(chunk)
+            c = coeff[idx].view(len(idx), batch, 1, 1)
+            scaled = [(c * n[idx] + (1 - c) * b.unsqueeze(0)).reshape(-1, *b.shape[1:]) for n, b in zip(noisy, baselines)]
+            grads, _ = _gradients_at(ctx, scaled, len(idx))
+            for i, (g, n, b) in enumerate(zip(grads, noisy, baselines)):
+                g = g.reshape(len(idx), batch, *g.shape[1:])
+                if multiply_by_inputs:
+                    g = g * (n[idx] - b.unsqueeze(0)).unsqueeze(3)
+                total[i] = g.sum(0) if total[i] is None else total[i] + g.sum(0)
+        return MethodResult(*_split([t / n_samples for t in total], ctx), None)

@@ -1,0 +1,46 @@
+"""Attention weights as attributions, read from the one forward pass (eager attention)."""
+
+import torch
+
+from ...utils.model_state import set_attn_implementation
+from ..engine import EngineContext
+from .base import AttributionMethod, MethodResult, register_method
+
+
+def _rows_at_steps(attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, layers, heads, Q, K]`` -> ``[B, K, N, layers, heads]``: the attention row of the query
+    that predicts each step (position - 1)."""
+    b, layers, heads, q, k = attn.shape
+    index = (positions - 1).view(b, 1, 1, -1, 1).expand(b, layers, heads, positions.shape[1], k)
+    rows = attn.gather(3, index)  # [B, layers, heads, N, K]
+    return rows.permute(0, 4, 3, 1, 2)
+
+
+@register_method
+class AttentionWeights(AttributionMethod):
+    """Attention of the predicting position over its keys, per layer and head. Models loaded with
+    SDPA or flash attention are switched to eager for the pass and switched back."""
+
+    name = "attention"
+    granularity = "multidimensional"
+    uses_attributed_fn = False
+
+    def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
+        model = ctx.model.model
+        original = getattr(model.config, "_attn_implementation", None)
+        if original not in (None, "eager"):
+            set_attn_implementation(model, "eager")
+        try:
+            with torch.no_grad():
+                output = ctx.forward(ctx.embeddings(), output_attentions=True)
+        finally:
+            if original not in (None, "eager"):
+                set_attn_implementation(model, original)
+        positions = ctx.positions
+        if ctx.is_encoder_decoder:
+            source = _rows_at_steps(torch.stack(output.cross_attentions, 1), positions)
+            target = None
+            if ctx.attribute_target:
+                target = _rows_at_steps(torch.stack(output.decoder_attentions, 1), positions)
+            return MethodResult(source, target, output)
+        return MethodResult(None, _rows_at_steps(torch.stack(output.attentions, 1), positions), output)

@@ -1,0 +1,81 @@
+"""Layer methods on the embedding layer's output, fed token ids: layer integrated gradients,
+layer gradient x activation and layer DeepLIFT (captum's layer methods, batched over steps)."""
+
+import torch
+
+from ..engine import EngineContext
+from .base import AttributionMethod, MethodResult, register_method
+from .gradient import _check_deeplift_applicable, integrate
+
+
+def _layer_outputs(ctx: EngineContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the embedding layer for the attributed ids and for the baseline ids."""
+    layer = ctx.model.model.get_input_embeddings()
+    with torch.no_grad():
+        return layer(ctx.input_ids()[0]), layer(ctx.baseline_ids()[0])
+
+
+def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1):
+    layer_output = layer_output.detach().requires_grad_(True)
+    output = ctx.forward_ids_with_layer(layer_output, repeat=repeat)
+    (grads,) = ctx.step_gradients(ctx.scores(output), [layer_output])
+    return grads, output
+
+
+def _as_result(ctx: EngineContext, scores: torch.Tensor, output=None) -> MethodResult:
+    return MethodResult(scores, None, output) if ctx.is_encoder_decoder else MethodResult(None, scores, output)
+
+
+class _LayerMethod(AttributionMethod):
+    supports_attribute_target = False
+
+
+@register_method
+class LayerIntegratedGradients(_LayerMethod):
+    """captum ``LayerIntegratedGradients`` on the embedding layer (UNK baseline ids)."""
+
+    name = "layer_integrated_gradients"
+
+    def attribute(
+        self,
+        ctx: EngineContext,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        multiply_by_inputs: bool = True,
+        **kwargs,
+    ) -> MethodResult:
+        actual, baseline = _layer_outputs(ctx)
+
+        def run(scaled, repeat):
+            return [_layer_gradients(ctx, scaled[0], repeat)[0]]
+
+        (total,) = integrate(ctx, [actual], [baseline], run, n_steps, method, internal_batch_size)
+        if multiply_by_inputs:
+            total = total * (actual - baseline).unsqueeze(2)
+        return _as_result(ctx, total)
+
+
+@register_method
+class LayerGradientXActivation(_LayerMethod):
+    """captum ``LayerGradientXActivation`` on the embedding layer: ``a * d f / d a``."""
+
+    name = "layer_gradient_x_activation"
+
+    def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
+        actual, _ = _layer_outputs(ctx)
+        grads, output = _layer_gradients(ctx, actual)
+        return _as_result(ctx, grads * actual.unsqueeze(2) if multiply_by_inputs else grads, output)
+
+
+@register_method
+class LayerDeepLift(_LayerMethod):
+    """captum ``LayerDeepLift`` on the embedding layer: ``(a - a') * d f / d a`` (see ``deeplift``)."""
+
+    name = "layer_deeplift"
+
+    def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
+        _check_deeplift_applicable(ctx.model.model, self.name)
+        actual, baseline = _layer_outputs(ctx)
+        grads, output = _layer_gradients(ctx, actual)
+        return _as_result(ctx, grads * (actual - baseline).unsqueeze(2) if multiply_by_inputs else grads, output)

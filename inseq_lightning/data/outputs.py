@@ -1,0 +1,290 @@
+"""Attribution outputs: per-sequence raw scores with tokens and step scores, and the batch container."""
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..attr.step_functions import step_function_aggregate_map
+from .aggregation import (
+    DEFAULT_AGGREGATORS,
+    AGGREGATION_FUNCTIONS,
+    get_aggregation_function,
+    merge_spans,
+    normalize_columns,
+    rescale_global,
+    subword_spans,
+    validate_spans,
+)
+
+
+@dataclass(frozen=True)
+class TokenWithId:
+    token: str
+    id: int
+
+    def __str__(self) -> str:
+        return self.token
+
+
+@dataclass
+class FeatureAttributionStepOutput:
+    """Scores of one generation step for every sequence of a batch (``output_step_attributions=True``).
+
+    ``source_attributions``: ``[B, S, ...]``; ``target_attributions``: ``[B, T, ...]``;
+    ``step_scores``: ``{name: [B]}``; ``target``: the token generated at this step per sequence.
+    """
+
+    source_attributions: torch.Tensor | None
+    target_attributions: torch.Tensor | None
+    step_scores: dict[str, torch.Tensor]
+    target: list[TokenWithId]
+
+
+@dataclass
+class FeatureAttributionSequenceOutput:
+    """Attributions of one sequence.
+
+    Attributes:
+        source: source tokens (decoder-only: the prompt tokens).
+        target: target tokens (decoder-only: prompt + continuation; encoder-decoder: decoder start + target).
+        source_attributions: ``[S, N, ...]`` raw scores of source tokens for each of the N steps.
+        target_attributions: ``[T, N, ...]`` raw scores of target-prefix tokens; NaN where a token
+            was not generated yet at that step.
+        step_scores: ``{name: [N]}``.
+        attr_pos_start, attr_pos_end: the target positions ``[start, end)`` that were attributed.
+        granularity: ``granular``, ``coarse``, ``multidimensional`` or ``none``; decides the default
+            aggregation (see :meth:`aggregate`).
+    """
+
+    source: list[TokenWithId]
+    target: list[TokenWithId]
+    source_attributions: torch.Tensor | None = None
+    target_attributions: torch.Tensor | None = None
+    step_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    attr_pos_start: int = 0
+    attr_pos_end: int | None = None
+    granularity: str = "granular"
+    aggregated: bool = False
+
+    def __post_init__(self):
+        if self.attr_pos_end is None:
+            self.attr_pos_end = len(self.target)
+
+    @property
+    def generated(self) -> list[TokenWithId]:
+        """The target tokens that were attributed, one per step (column)."""
+        return self.target[self.attr_pos_start : self.attr_pos_end]
+
+    # ---- aggregation ------------------------------------------------------------------------
+    def aggregate(
+        self,
+        aggregator: str | Sequence[str] | None = None,
+        aggregate_fn: str | Callable | None = None,
+        normalize: bool | None = None,
+        rescale: bool = False,
+        source_spans: Sequence[tuple[int, int]] | None = None,
+        target_spans: Sequence[tuple[int, int]] | None = None,
+    ) -> "FeatureAttributionSequenceOutput":
+        """Reduce raw scores to one score per (token, step), inseq's way.
+
+        Args:
+            aggregator: ``None`` for the method's default (gradients: ``vnorm``; attention: ``mean``
+                over heads then ``mean`` over layers; occlusion: nothing), an aggregation function
+                name (``mean max min sum prod absmax vnorm``), ``"spans"`` (merge ``source_spans`` /
+                ``target_spans`` with ``absmax``), ``"subwords"`` (merge the tokens of each word), or a
+                list of these applied in order.
+            aggregate_fn: function used by ``"spans"``/``"subwords"`` (default ``absmax``).
+            normalize: divide each step's column by its L1 norm (default True unless ``rescale``).
+            rescale: divide by the global absolute maximum instead.
+
+        Returns:
+            A new output; this one is not modified.
+        """
+        if normalize and rescale:
+            raise ValueError("normalize and rescale cannot both be True")
+        if normalize is None:
+            normalize = not rescale
+        if aggregator is None:
+            steps = list(DEFAULT_AGGREGATORS[self.granularity]) if not self.aggregated else []
+        elif isinstance(aggregator, str):
+            steps = [aggregator]
+        else:
+            steps = list(aggregator)
+        out = self
+        for name in steps:
+            if name in AGGREGATION_FUNCTIONS:
+                out = out._reduce_last_dim(name, normalize, rescale)
+            elif name == "spans":
+                out = out._merge_spans(source_spans, target_spans, aggregate_fn or "absmax")
+            elif name == "subwords":
+                out = out._merge_spans(
+                    subword_spans([t.token for t in out.source]) if out.source_attributions is not None else None,
+                    subword_spans([t.token for t in out.target]),
+                    aggregate_fn or "absmax",
+                )
+            else:
+                raise ValueError(
+                    f"Unknown aggregator {name!r}. Choose one of: spans, subwords, {', '.join(AGGREGATION_FUNCTIONS)}."
+                )
+        return out
+
+    def _reduce_last_dim(self, fn_name: str, normalize: bool, rescale: bool) -> "FeatureAttributionSequenceOutput":
+        fn = get_aggregation_function(fn_name)
+        src, tgt = self.source_attributions, self.target_attributions
+        if (src if src is not None else tgt) is None:
+            return self
+        if (src if src is not None else tgt).ndim <= 2:
+            raise ValueError("Scores are already one per (token, step); there is no dimension left to aggregate.")
+        src = fn(src, -1) if src is not None else None
+        tgt = fn(tgt, -1) if tgt is not None else None
+        if normalize:
+            src, tgt = normalize_columns(src, tgt)
+        if rescale:
+            src, tgt = rescale_global(src, tgt)
+        done = (src if src is not None else tgt).ndim == 2
+        return replace(self, source_attributions=src, target_attributions=tgt, aggregated=done)
+
+    def _merge_spans(self, source_spans, target_spans, fn) -> "FeatureAttributionSequenceOutput":
+        src, tgt = self.source_attributions, self.target_attributions
+        source, target, scores = list(self.source), list(self.target), dict(self.step_scores)
+        s_spans = validate_spans(source_spans, len(source), "source") if src is not None or source_spans else []
+        t_spans = validate_spans(target_spans, len(target), "target")
+        if s_spans and src is not None:
+            src = merge_spans(src, s_spans, 0, fn)
+        source = _merge_tokens(source, s_spans)
+        start, end = self.attr_pos_start, self.attr_pos_end
+        step_spans = [(s - start, e - start) for s, e in t_spans if s >= start and e <= end]
+        if t_spans and tgt is not None:
+            tgt = merge_spans(tgt, t_spans, 0, fn)
+        if step_spans:
+            if src is not None:
+                src = merge_spans(src, step_spans, 1, fn)
+            if tgt is not None:
+                tgt = merge_spans(tgt, step_spans, 1, fn)
+            scores = {
+                name: merge_spans(v, step_spans, 0, step_function_aggregate_map(name).get("spans", "absmax"))
+                for name, v in scores.items()
+            }
+        removed_before_start = sum(e - s - 1 for s, e in t_spans if e <= start)
+        removed_in_range = sum(e - s - 1 for s, e in step_spans)
+        return replace(
+            self,
+            source=source,
+            target=_merge_tokens(target, t_spans),
+            source_attributions=src,
+            target_attributions=tgt,
+            step_scores=scores,
+            attr_pos_start=start - removed_before_start,
+            attr_pos_end=end - removed_before_start - removed_in_range,
+        )
+
+    # ---- conveniences -----------------------------------------------------------------------
+    def show(self, min_val=None, max_val=None, display: bool = True, return_html: bool = False, **aggregate_kwargs):
+        from ..viz import show_attributions
+
+        return show_attributions(self, min_val=min_val, max_val=max_val, display=display, return_html=return_html,
+                                 **aggregate_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": [[t.token, t.id] for t in self.source],
+            "target": [[t.token, t.id] for t in self.target],
+            "source_attributions": self.source_attributions,
+            "target_attributions": self.target_attributions,
+            "step_scores": dict(self.step_scores),
+            "attr_pos_start": self.attr_pos_start,
+            "attr_pos_end": self.attr_pos_end,
+            "granularity": self.granularity,
+            "aggregated": self.aggregated,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureAttributionSequenceOutput":
+        data = dict(data)
+        data["source"] = [TokenWithId(t, i) for t, i in data["source"]]
+        data["target"] = [TokenWithId(t, i) for t, i in data["target"]]
+        return cls(**data)
+
+
+def _merge_tokens(tokens: list[TokenWithId], spans: list[tuple[int, int]]) -> list[TokenWithId]:
+    out, cursor = [], 0
+    for start, end in spans:
+        out.extend(tokens[cursor:start])
+        out.append(TokenWithId("".join(t.token for t in tokens[start:end]), -1))
+        cursor = end
+    out.extend(tokens[cursor:])
+    return out
+
+
+@dataclass
+class FeatureAttributionOutput:
+    """The result of :meth:`AttributionModel.attribute`: one sequence output per input text, the
+    optional per-step outputs and an ``info`` dict (method, texts, arguments, timing)."""
+
+    sequence_attributions: list[FeatureAttributionSequenceOutput]
+    step_attributions: list[FeatureAttributionStepOutput] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sequence_attributions)
+
+    def __getitem__(self, index: int) -> FeatureAttributionSequenceOutput:
+        return self.sequence_attributions[index]
+
+    def __iter__(self):
+        return iter(self.sequence_attributions)
+
+    def __add__(self, other: "FeatureAttributionOutput") -> "FeatureAttributionOutput":
+        return merge_attributions([self, other])
+
+    def __radd__(self, other):
+        return self if other == 0 else self.__add__(other)
+
+    def aggregate(self, *args, **kwargs) -> "FeatureAttributionOutput":
+        """:meth:`FeatureAttributionSequenceOutput.aggregate` applied to every sequence."""
+        return replace(self, sequence_attributions=[s.aggregate(*args, **kwargs) for s in self.sequence_attributions])
+
+    def show(self, min_val=None, max_val=None, display: bool = True, return_html: bool = False, **aggregate_kwargs):
+        from ..viz import show_attributions
+
+        return show_attributions(self, min_val=min_val, max_val=max_val, display=display, return_html=return_html,
+                                 **aggregate_kwargs)
+
+    def save(self, path, overwrite: bool = False, compress: bool = False, ndarray_compact: bool = True,
+             use_primitives: bool = False, split_sequences: bool = False, scores_precision: str = "float32") -> None:
+        """Write JSON; tensors are base64 safetensors (or plain lists with ``use_primitives``)."""
+        from .serialization import save_output
+
+        save_output(self, path, overwrite=overwrite, compress=compress, ndarray_compact=ndarray_compact,
+                    use_primitives=use_primitives, split_sequences=split_sequences, scores_precision=scores_precision)
+
+    @staticmethod
+    def load(path) -> "FeatureAttributionOutput":
+        """Read a file written by :meth:`save` (plain or gzipped); never unpickles."""
+        from .serialization import load_output
+
+        return load_output(path)
+
+
+def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAttributionOutput:
+    """Concatenate the sequences of several outputs; ``info`` values that differ become lists."""
+    if not outputs:
+        raise ValueError("merge_attributions needs at least one output")
+    sequences, info = [], {}
+    steps = [] if all(o.step_attributions is not None for o in outputs) else None
+    for out in outputs:
+        sequences.extend(copy.copy(s) for s in out.sequence_attributions)
+        if steps is not None:
+            steps.extend(out.step_attributions)
+    for key in outputs[0].info:
+        values = [o.info.get(key) for o in outputs]
+        if key in ("input_texts", "generated_texts"):
+            info[key] = [v for vals in values for v in (vals if isinstance(vals, list) else [vals])]
+        elif key == "exec_time":
+            info[key] = sum(v or 0 for v in values)
+        else:
+            info[key] = values[0] if all(v == values[0] for v in values) else values
+    return FeatureAttributionOutput(sequences, steps, info)

@@ -1,0 +1,36 @@
+"""Typed errors raised by inseq-lightning; each message says what to do instead."""
+
+
+class InseqLightningError(Exception):
+    """Base class of every error raised on purpose by this package."""
+
+
+class UnknownMethodError(InseqLightningError, ValueError):
+    """An attribution method name that is not registered."""
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(
+            f"Unknown attribution method {name!r}. Choose one of: {', '.join(sorted(available))}."
+        )
+
+
+class UnknownStepFunctionError(InseqLightningError, ValueError):
+    """A step function name that is not registered."""
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(
+            f"Unknown step function {name!r}. Choose one of: {', '.join(sorted(available))}, "
+            "or register your own with inseq_lightning.register_step_function."
+        )
+
+
+class InvalidInputError(InseqLightningError, ValueError):
+    """Texts, targets or options that cannot be attributed as given."""
+
+
+class ModelLoadingError(InseqLightningError, ValueError):
+    """A model or tokenizer that cannot be loaded locally."""
+
+
+class TokenizerError(InseqLightningError, ValueError):
+    """A tokenizer that lacks something attribution needs (pad, unk or eos tokens)."""

@@ -1,0 +1,337 @@
+"""AttributionModel: a Hugging Face model + tokenizer that can attribute its own predictions."""
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..attr.engine import DEFAULT_MEMORY_BUDGET_BYTES, EngineContext, nan_future_positions
+from ..attr.methods import get_method
+from ..attr.step_functions import get_step_function, step_function_kwargs
+from ..data.outputs import (
+    FeatureAttributionOutput,
+    FeatureAttributionSequenceOutput,
+    FeatureAttributionStepOutput,
+    TokenWithId,
+    merge_attributions,
+)
+from ..errors import InvalidInputError
+from ..utils.model_state import preserve_model_state
+from .batch import Batch
+from .tokenization import SpecialIds, build_batch, check_texts
+
+logger = logging.getLogger(__name__)
+
+
+class AttributionModel:
+    """Wraps a loaded ``PreTrainedModel`` and its tokenizer. Build it with :func:`load_model`.
+
+    The model is used where it is (device, dtype) and left exactly as it was found: modes,
+    ``requires_grad`` flags, ``.grad`` tensors, attention implementation and RNG streams.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, attribution_method: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.special_ids = SpecialIds.resolve(model, tokenizer)
+        self.embed_scale = self._embed_scale()
+        self.default_attribution_method = attribution_method or "saliency"
+        get_method(self.default_attribution_method)  # fail early on unknown names
+        self.default_attributed_fn_id = "probability"
+
+    def _embed_scale(self) -> float:
+        """inseq's scale: the encoder's (or model's) ``embed_scale`` attribute when there is one."""
+        holder = self.model.get_encoder() if self.is_encoder_decoder else self.model
+        scale = getattr(holder, "embed_scale", None)
+        if self.is_encoder_decoder:
+            dec_scale = getattr(self.model.get_decoder(), "embed_scale", None)
+            if scale is not None and dec_scale is not None and float(dec_scale) != float(scale):
+                raise ValueError("Different encoder and decoder embedding scales are not supported")
+        return float(scale) if scale is not None else 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_name": getattr(self.model.config, "name_or_path", "") or type(self.model).__name__,
+            "model_class": type(self.model).__name__,
+            "tokenizer_class": type(self.tokenizer).__name__,
+        }
+
+    def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, D]`` input embeddings (times ``embed_scale``)."""
+        return self.model.get_input_embeddings()(ids) * self.embed_scale
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, input_texts: list[str], skip_special_tokens: bool = False, **generation_args) -> list[str]:
+        """Greedy/sampled generation; decoder-only results are the prompt followed by the continuation."""
+        texts = []
+        with preserve_model_state(self.model), torch.no_grad():
+            self.model.eval()
+            for text in input_texts:
+                enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not skip_special_tokens).to(self.device)
+                args = {"pad_token_id": self.special_ids.pad, **dict(generation_args)}
+                out = self.model.generate(**enc, **args)
+                if self.is_encoder_decoder:
+                    texts.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
+                else:
+                    new = out[0, enc["input_ids"].shape[1]:]
+                    texts.append(text + self.tokenizer.decode(new, skip_special_tokens=True))
+        return texts
+
+    # ---- attribution --------------------------------------------------------------------------
+    def attribute(
+        self,
+        input_texts: str | Sequence[str],
+        generated_texts: str | Sequence[str] | None = None,
+        method: str | None = None,
+        override_default_attribution: bool = False,
+        attr_pos_start: int | None = None,
+        attr_pos_end: int | None = None,
+        show_progress: bool = True,
+        pretty_progress: bool = True,
+        output_step_attributions: bool = False,
+        attribute_target: bool = False,
+        step_scores: Sequence[str] = (),
+        include_eos_baseline: bool = False,
+        attributed_fn: str | Callable | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        skip_special_tokens: bool = False,
+        generation_args: dict[str, Any] | None = None,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        **kwargs,
+    ) -> FeatureAttributionOutput:
+        """Attribute the generation of ``generated_texts`` (or of the model's own generation) from
+        ``input_texts``, with inseq's arguments and numbers.
+
+        Args:
+            input_texts: prompt(s) (decoder-only) or source text(s) (encoder-decoder).
+            generated_texts: forced target(s); decoder-only targets must start with their prompt.
+                When None the model generates them with ``generation_args``.
+            method: attribution method name (default: the one given to :func:`load_model`).
+            attr_pos_start, attr_pos_end: target positions to attribute.
+            attribute_target: also attribute the target prefix (encoder-decoder).
+            step_scores: step function names computed alongside (``[N]`` per sequence).
+            attributed_fn: step function name or callable whose value is attributed (default probability).
+            batch_size: sequences per forward (default: all at once).
+            memory_budget_bytes: bound for the vectorised backward (steps are chunked to fit).
+            **kwargs: method arguments (e.g. ``n_steps``, ``internal_batch_size``), attributed-function
+                and step-function arguments (e.g. ``logprob``, ``top_p``), routed by name.
+
+        Returns:
+            A :class:`FeatureAttributionOutput` with one sequence output per input.
+        """
+        started = time.perf_counter()
+        if device is not None and torch.device(device) != self.device:
+            raise InvalidInputError(f"The model is on {self.device}; move it yourself before attributing on {device}")
+        input_list = [input_texts] if isinstance(input_texts, str) else list(input_texts)
+        if not input_list:
+            raise InvalidInputError("input_texts is empty; pass at least one text")
+        check_texts("input_texts", input_list)
+        method_name = method or self.default_attribution_method
+        attribution = get_method(method_name)
+        if attribute_target and not attribution.supports_attribute_target:
+            raise InvalidInputError(f"{method_name} attributes token ids, not embeddings: it cannot attribute_target")
+        score_fn, score_fn_name = self._resolve_attributed_fn(attributed_fn)
+        step_fns = {name: get_step_function(name) for name in step_scores}
+        method_kwargs, score_kwargs = self._route_kwargs(attribution, score_fn, step_fns, kwargs)
+        generation_args = dict(generation_args or {})
+        if generated_texts is None:
+            generated_list = self.generate(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
+        else:
+            generated_list = [generated_texts] if isinstance(generated_texts, str) else list(generated_texts)
+            if len(generated_list) != len(input_list):
+                raise InvalidInputError(
+                    f"input_texts has {len(input_list)} texts but generated_texts has {len(generated_list)}; "
+                    "pass one target per input"
+                )
+            check_texts("generated_texts", generated_list)
+        if not self.is_encoder_decoder:
+            for i, (prompt, full) in enumerate(zip(input_list, generated_list)):
+                if not full.startswith(prompt):
+                    raise InvalidInputError(
+                        f"generated_texts[{i}] does not start with its prompt; pass the full text (prompt + "
+                        "continuation) or use an encoder-decoder model"
+                    )
+        size = batch_size or len(input_list)
+        chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
+        outputs = []
+        with _progress(show_progress, method_name, len(input_list)) as advance:
+            for chunk in chunks:
+                batch = build_batch(self, [input_list[i] for i in chunk], [generated_list[i] for i in chunk],
+                                    attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens)
+                outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
+                                                     step_fns, attribute_target, output_step_attributions,
+                                                     memory_budget_bytes))
+                advance(len(chunk))
+        out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
+        out.info = {
+            "attribution_method": method_name,
+            "input_texts": input_list,
+            "generated_texts": generated_list,
+            "attr_pos_start": attr_pos_start,
+            "attr_pos_end": attr_pos_end,
+            "attribute_target": attribute_target,
+            "step_scores": list(step_scores),
+            "attributed_fn": score_fn_name,
+            "attribution_args": {k: v for k, v in method_kwargs.items() if _jsonable(v)},
+            "generation_args": generation_args,
+            "include_eos_baseline": include_eos_baseline,
+            "output_step_attributions": output_step_attributions,
+            "exec_time": time.perf_counter() - started,
+            **self.info,
+        }
+        return out
+
+    def _resolve_attributed_fn(self, attributed_fn) -> tuple[Callable, str]:
+        if attributed_fn is None:
+            return get_step_function(self.default_attributed_fn_id), self.default_attributed_fn_id
+        if isinstance(attributed_fn, str):
+            return get_step_function(attributed_fn), attributed_fn
+        if callable(attributed_fn):
+            return attributed_fn, getattr(attributed_fn, "__name__", "custom")
+        raise InvalidInputError(f"attributed_fn must be a step function name or a callable, not {attributed_fn!r}")
+
+    @staticmethod
+    def _route_kwargs(attribution, score_fn, step_fns, kwargs) -> tuple[dict, dict]:
+        """Split ``**kwargs`` between the method, the attributed function and the step functions;
+        a name none of them accepts is an error rather than silently ignored."""
+        import inspect
+
+        method_params = set(inspect.signature(attribution.attribute).parameters) - {"self", "ctx", "kwargs"}
+        attribution_args = dict(kwargs.pop("attribution_args", {}) or {})
+        score_kwargs = dict(kwargs.pop("attributed_fn_args", {}) or {})
+        step_kwargs = dict(kwargs.pop("step_scores_args", {}) or {})
+        method_kwargs = {k: v for k, v in kwargs.items() if k in method_params}
+        method_kwargs.update(attribution_args)
+        score_kwargs.update(step_function_kwargs(score_fn, kwargs))
+        used = set(method_kwargs) | set(score_kwargs)
+        for fn in step_fns.values():
+            taken = step_function_kwargs(fn, kwargs)
+            step_kwargs.update(taken)
+            used |= set(taken)
+        unknown = sorted(set(kwargs) - used)
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown argument(s) {', '.join(unknown)}: not taken by method {attribution.name!r} "
+                f"(takes {', '.join(sorted(method_params)) or 'none'}), the attributed function or the step functions"
+            )
+        return method_kwargs, {"attributed": score_kwargs, "steps": step_kwargs}
+
+    def _attribute_batch(self, batch: Batch, attribution, score_fn, method_kwargs, score_kwargs, step_fns,
+                         attribute_target, output_step_attributions, memory_budget_bytes) -> FeatureAttributionOutput:
+        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes)
+        with preserve_model_state(self.model), torch.inference_mode(False), torch.enable_grad():
+            # Attributions describe the deterministic model: dropout off for the pass, modes restored after.
+            self.model.eval()
+            result = attribution.attribute(ctx, **method_kwargs)
+            scores = self._step_scores(ctx, result.output, step_fns, score_kwargs["steps"])
+        source = result.source.detach().float().cpu() if result.source is not None else None
+        target = result.target.detach().float().cpu() if result.target is not None else None
+        if target is not None:
+            target = nan_future_positions(target, ctx.positions.cpu(), ctx.valid.cpu())
+        return self._sequence_outputs(batch, attribution.granularity, source, target, scores, output_step_attributions)
+
+    def _step_scores(self, ctx: EngineContext, output, step_fns, step_kwargs) -> dict[str, torch.Tensor]:
+        if not step_fns:
+            return {}
+        with torch.no_grad():
+            if output is None:
+                output = ctx.forward(ctx.embeddings())
+            logits = ctx.step_logits(output.logits.detach())
+
+            def forward_again() -> torch.Tensor:
+                fresh = ctx.step_logits(ctx.forward(ctx.embeddings()).logits)
+                return fresh.reshape(-1, fresh.shape[-1])
+
+            scores = {}
+            for name, fn in step_fns.items():
+                args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
+                values = fn(args, **step_function_kwargs(fn, step_kwargs))
+                scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().cpu()
+        return scores
+
+    def _sequence_outputs(self, batch: Batch, granularity, source, target, scores, with_steps) -> FeatureAttributionOutput:
+        sequences = []
+        for i, positions in enumerate(batch.step_positions):
+            n = len(positions)
+            start, end = positions[0], positions[-1] + 1
+            t_len = int(batch.target_mask[i].sum())
+            target_tokens = [TokenWithId(t, int(x)) for t, x in zip(batch.target_tokens[i], batch.target_ids[i].tolist())][:t_len]
+            rows = min(t_len, end)
+            if self.is_encoder_decoder:
+                s_len = int(batch.source_mask[i].sum())
+                source_tokens = [TokenWithId(t, int(x)) for t, x in
+                                 zip(batch.source_tokens[i], batch.source_ids[i].tolist())][:s_len]
+                src = source[i, :s_len, :n] if source is not None else None
+            else:
+                source_tokens, src = target_tokens[:start], None
+            sequences.append(FeatureAttributionSequenceOutput(
+                source=source_tokens,
+                target=target_tokens,
+                source_attributions=src.clone() if src is not None else None,
+                target_attributions=target[i, :rows, :n].clone() if target is not None else None,
+                step_scores={k: v[i, :n].clone() for k, v in scores.items()},
+                attr_pos_start=start,
+                attr_pos_end=end,
+                granularity=granularity,
+            ))
+        steps = _step_outputs(sequences, batch) if with_steps else None
+        return FeatureAttributionOutput(sequences, steps, {})
+
+
+def _step_outputs(sequences: list[FeatureAttributionSequenceOutput], batch: Batch) -> list[FeatureAttributionStepOutput]:
+    """One output per step index holding that step of every sequence that has it."""
+    steps = []
+    for k in range(batch.max_steps):
+        present = [s for s in sequences if k < s.attr_pos_end - s.attr_pos_start]
+        steps.append(FeatureAttributionStepOutput(
+            source_attributions=_stack_col([s.source_attributions for s in present], k),
+            target_attributions=_stack_col([s.target_attributions for s in present], k),
+            step_scores={name: torch.stack([s.step_scores[name][k] for s in present]) for name in present[0].step_scores},
+            target=[s.generated[k] for s in present],
+        ))
+    return steps
+
+
+def _stack_col(tensors: list[torch.Tensor | None], k: int) -> torch.Tensor | None:
+    if not tensors or tensors[0] is None:
+        return None
+    cols = [t[:, k] for t in tensors]
+    length = max(c.shape[0] for c in cols)
+    padded = [torch.nn.functional.pad(c, [0, 0] * (c.ndim - 1) + [0, length - c.shape[0]], value=float("nan")) for c in cols]
+    return torch.stack(padded)
+
+
+def _jsonable(value) -> bool:
+    return value is None or isinstance(value, str | int | float | bool | list | tuple | dict)
+
+
+class _progress:
+    """A rich progress bar over attributed sequences (no-op when disabled)."""
+
+    def __init__(self, show: bool, method: str, total: int):
+        self.show, self.method, self.total = show, method, total
+
+    def __enter__(self):
+        if not self.show:
+            return lambda n: None
+        self._progress = Progress(TextColumn(f"Attributing with {self.method}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=True)
+        self._progress.__enter__()
+        task = self._progress.add_task("attribute", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.show:
+            self._progress.__exit__(*exc)
+        return False

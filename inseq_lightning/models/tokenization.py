@@ -1,0 +1,144 @@
+"""Turning texts into a :class:`Batch`: tokenization, baselines and the positions to attribute."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import InvalidInputError, TokenizerError
+from .batch import Batch, pad_right
+
+
+@dataclass
+class SpecialIds:
+    """Ids attribution needs, resolved once with inseq's fallbacks: UNK -> PAD -> EOS (-> BOS)."""
+
+    bos: int | None  # decoder start for encoder-decoder models
+    eos: int | None
+    pad: int
+    unk: int
+
+    @classmethod
+    def resolve(cls, model, tokenizer: PreTrainedTokenizerBase) -> "SpecialIds":
+        config = model.config
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else tokenizer.pad_token_id
+        if pad is None:
+            pad = eos
+        bos = getattr(config, "decoder_start_token_id", None) if config.is_encoder_decoder else None
+        if bos is None:
+            bos = getattr(config, "bos_token_id", None)
+            bos = tokenizer.bos_token_id if bos is None else bos
+        if pad is None and not config.is_encoder_decoder:
+            pad = bos
+        unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else pad
+        if pad is None or unk is None:
+            raise TokenizerError(
+                f"{type(tokenizer).__name__} has no pad, unk or eos token, so there is no baseline token and no "
+                "padding: set one, e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the "
+                "model's embeddings, or set model.config.pad_token_id."
+            )
+        if config.is_encoder_decoder and bos is None:
+            raise TokenizerError("The model config has no decoder_start_token_id or bos_token_id; set one.")
+        return cls(bos=bos, eos=eos, pad=pad, unk=unk)
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos: int | None) -> list[int]:
+    kwargs = {"text_target": text} if as_target else {"text": text}
+    ids = list(tokenizer(**kwargs, add_special_tokens=add_special_tokens)["input_ids"])
+    # Chat templates put a BOS in the text and the tokenizer adds another: keep one (inseq's fix).
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def baseline_ids(ids: list[int], special: SpecialIds, include_eos_baseline: bool) -> list[int]:
+    """UNK at every position; EOS positions stay EOS unless ``include_eos_baseline``."""
+    if include_eos_baseline:
+        return [special.unk] * len(ids)
+    return [special.eos if i == special.eos else special.unk for i in ids]
+
+
+def check_texts(name: str, texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{name}[{i}] is a {type(text).__name__}; pass strings")
+        if not text.strip():
+            raise InvalidInputError(f"{name}[{i}] is empty; every text needs at least one token")
+
+
+def _max_positions(model) -> int | None:
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_length(model, name: str, index: int, ids: list[int]) -> None:
+    limit = _max_positions(model)
+    if limit is not None and len(ids) > limit:
+        raise InvalidInputError(
+            f"{name}[{index}] is {len(ids)} tokens long but the model has {limit} positions; shorten the text "
+            "or split it into several probes."
+        )
+
+
+def build_batch(
+    wrapper,
+    input_texts: list[str],
+    generated_texts: list[str],
+    attr_pos_start: int | None,
+    attr_pos_end: int | None,
+    include_eos_baseline: bool,
+    skip_special_tokens: bool,
+) -> Batch:
+    """Tokenize texts into a right-padded :class:`Batch` with the positions each sequence attributes."""
+    tok, special = wrapper.tokenizer, wrapper.special_ids
+    add_special = not skip_special_tokens
+    tokens = lambda ids: [str(t) for t in tok.convert_ids_to_tokens(ids)]
+    if wrapper.is_encoder_decoder:
+        sources = [_encode(tok, t, add_special, False, None) for t in input_texts]
+        targets = [[special.bos] + _encode(tok, t, add_special, True, None) for t in generated_texts]
+        for i, (s, t) in enumerate(zip(sources, targets)):
+            _check_length(wrapper.model, "input_texts", i, s)
+            _check_length(wrapper.model, "generated_texts", i, t)
+        positions = []
+        for t in targets:
+            start = 1 if attr_pos_start is None else max(1, attr_pos_start)
+            end = len(t) if attr_pos_end is None else min(len(t), attr_pos_end + 1)
+            positions.append(list(range(start, end)))
+        src_ids, src_mask = pad_right(sources, special.pad)
+        src_base, _ = pad_right([baseline_ids(s, special, include_eos_baseline) for s in sources], special.pad)
+        tgt_ids, tgt_mask = pad_right(targets, special.pad)
+        # The decoder start token stays itself in the target baseline (inseq keeps BOS there).
+        tgt_base, _ = pad_right(
+            [[special.bos] + baseline_ids(t[1:], special, include_eos_baseline) for t in targets], special.pad
+        )
+        batch = Batch(tgt_ids, tgt_mask, tgt_base, [tokens(t) for t in targets], positions,
+                      src_ids, src_mask, src_base, [tokens(s) for s in sources])
+    else:
+        prompts = [_encode(tok, t, add_special, False, special.bos) for t in input_texts]
+        fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
+        positions = []
+        for i, (p, f) in enumerate(zip(prompts, fulls)):
+            _check_length(wrapper.model, "generated_texts", i, f)
+            start = len(p) if attr_pos_start is None else max(len(p), attr_pos_start)
+            end = len(f) if attr_pos_end is None else min(len(f), attr_pos_end)
+            if start >= end:
+                raise InvalidInputError(
+                    f"generated_texts[{i}] adds no token to its prompt within attr_pos_start..attr_pos_end; "
+                    "pass a longer continuation or widen the positions."
+                )
+            positions.append(list(range(start, end)))
+        ids, mask = pad_right(fulls, special.pad)
+        base, _ = pad_right([baseline_ids(f, special, include_eos_baseline) for f in fulls], special.pad)
+        batch = Batch(ids, mask, base, [tokens(f) for f in fulls], positions)
+    for i, pos in enumerate(batch.step_positions):
+        if not pos:
+            raise InvalidInputError(f"Nothing to attribute in sequence {i}: check attr_pos_start/attr_pos_end.")
+    return batch.to(wrapper.device)

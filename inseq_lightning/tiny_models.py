@@ -1,0 +1,97 @@
+"""Tiny, locally built models and tokenizers for tests, examples and benchmarks (nothing is downloaded).
+
+Three families cover the position schemes and embedding conventions attribution must handle:
+GPT-2 (absolute positions, no BOS added, EOS doubles as BOS/UNK), Llama (rotary positions, BOS
+added, UNK token) and Marian (encoder-decoder, ``embed_scale = sqrt(d_model)`` applied outside the
+embedding layer, decoder start = PAD).
+"""
+
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a tiny corpus for a tiny tokenizer.",
+    "The cat sat on the mat and looked at the dog.",
+    "Paris is the capital of France. Rome is the capital of Italy.",
+    "Question: where is the key? Context: the key is under the red box.",
+    "Answer: the key is in the kitchen drawer next to the spoons.",
+    "Attribution shows which input tokens a prediction relies on.",
+    "Models learn to predict the next token from the previous ones.",
+    "Alice gave Bob a book, and Bob thanked Alice for the gift.",
+    "one two three four five six seven eight nine ten eleven twelve",
+    "I like green apples, red cherries and yellow bananas.",
+    "Das ist ein kleines Haus. Le chat est noir. Il gatto dorme.",
+] * 4
+
+
+def _train(special: list[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@lru_cache(maxsize=None)
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    tok = _train(["<|endoftext|>"], 400)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+@lru_cache(maxsize=None)
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    tok = _train(["<unk>", "<s>", "</s>"], 400)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@lru_cache(maxsize=None)
+def marian_tokenizer() -> PreTrainedTokenizerFast:
+    tok = _train(["</s>", "<unk>", "<pad>"], 400)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0, **config) -> tuple:
+    tok = gpt2_tokenizer()
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
+    return GPT2LMHeadModel(cfg).eval(), tok
+
+
+def tiny_llama(seed: int = 0, **config) -> tuple:
+    tok = llama_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def tiny_marian(seed: int = 0, **config) -> tuple:
+    tok = marian_tokenizer()
+    torch.manual_seed(seed)
+    cfg = MarianConfig(vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       decoder_start_token_id=tok.pad_token_id, scale_embedding=True, **config)
+    return MarianMTModel(cfg).eval(), tok
+
+
+TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "marian": tiny_marian}

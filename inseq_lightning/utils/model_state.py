@@ -1,0 +1,69 @@
+"""Leave a model exactly as it was found: modes, requires_grad flags, .grad tensors, attention kernel, RNG."""
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _attn_implementation(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None:
+    """Switch a transformers model's attention kernel (e.g. to ``eager`` to read attention weights)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers: the config field is what the layers read
+        model.config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True) -> Iterator[None]:
+    """Restore every submodule's training flag, every parameter's ``requires_grad`` and ``.grad``
+    (the same tensor object, with its values), the attention implementation and the RNG streams
+    when the block exits, also when it raises.
+
+    Attribution uses ``torch.autograd.grad`` and never writes ``.grad``; the snapshot is a guard
+    against step functions or user callbacks that do.
+    """
+    modes = {name: module.training for name, module in model.named_modules()}
+    params = list(model.named_parameters())
+    requires_grad = {name: p.requires_grad for name, p in params}
+    grads = {name: (p.grad, p.grad.detach().clone() if p.grad is not None else None) for name, p in params}
+    attn = _attn_implementation(model)
+    rng = _rng_state() if preserve_rng else None
+    try:
+        yield
+    finally:
+        for name, module in model.named_modules():
+            if name in modes:
+                module.training = modes[name]
+        for name, p in params:
+            p.requires_grad_(requires_grad[name])
+            original, values = grads[name]
+            if original is not None:
+                original.copy_(values)
+            p.grad = original
+        if attn is not None and _attn_implementation(model) != attn:
+            set_attn_implementation(model, attn)
+        if rng is not None:
+            _set_rng_state(rng)

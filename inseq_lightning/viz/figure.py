@@ -1,0 +1,39 @@
+"""Matplotlib heatmaps for experiment trackers (TensorBoard add_figure, W&B images)."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..data.outputs import FeatureAttributionSequenceOutput  # noqa: E402
+from .colors import score_range  # noqa: E402
+from .layout import build_grid  # noqa: E402
+
+
+def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None):
+    """A heatmap figure (rows: source/prefix tokens, columns: generated tokens); the caller closes it."""
+    grid = build_grid(seq)
+    data = np.array(grid.scores, dtype=float) if grid.scores else np.zeros((0, len(grid.column_labels)))
+    lo, hi = score_range([v for v in data.ravel().tolist()], min_val, max_val)
+    signed = lo < 0 < hi
+    bound = max(abs(lo), abs(hi))
+    width = max(4.0, 0.6 * len(grid.column_labels) + 2)
+    height = max(3.0, 0.35 * len(grid.row_labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(width, height))
+    image = ax.imshow(np.ma.masked_invalid(data), cmap="bwr" if signed else "Reds", aspect="auto",
+                      vmin=-bound if signed else lo, vmax=bound if signed else hi)
+    ax.set_xticks(range(len(grid.column_labels)), [c.replace("Ġ", " ").replace("▁", " ") for c in grid.column_labels],
+                  rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(grid.row_labels)), [r.replace("Ġ", " ").replace("▁", " ") for r in grid.row_labels], fontsize=8)
+    for (r, c), v in np.ndenumerate(data):
+        if not math.isnan(v) and data.shape[0] * data.shape[1] <= 400:
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xlabel("generated tokens")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
