@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built locally once per test session (nothing is downloaded)."""
+
+import copy
+import warnings
+
+import pytest
+import transformers
+
+import inseq_lightning as il
+from inseq_lightning.tiny_models import TINY_MODELS
+
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", category=UserWarning)
+
+# (prompt/source, forced target) per family; decoder-only targets start with their prompt.
+TEXTS = {
+    "gpt2": ("Hello world", "Hello world, this is a cat"),
+    "llama": ("The cat sat", "The cat sat on the mat"),
+    "marian": ("Hello world", "Le chat est noir"),
+}
+
+
+@pytest.fixture(scope="session", params=list(TINY_MODELS))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    return {name: build() for name, build in TINY_MODELS.items()}
+
+
+@pytest.fixture()
+def hf_pair(hf_models, family):
+    """A fresh copy of the family's (model, tokenizer) so tests cannot leak state into each other."""
+    model, tok = hf_models[family]
+    return copy.deepcopy(model), copy.deepcopy(tok)
+
+
+@pytest.fixture()
+def texts(family):
+    return TEXTS[family]
+
+
+@pytest.fixture()
+def attribution_model(hf_pair):
+    model, tok = hf_pair
+    return il.load_model(model, "saliency", tokenizer=tok)
