@@ -165,7 +165,8 @@ class AttributionModel:
         size = batch_size or len(input_list)
         chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
         outputs = []
-        with _progress(show_progress, method_name, len(input_list)) as advance:
+        # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
+        with _progress(show_progress, method_name, len(input_list)) as advance, torch.inference_mode(False):
             for chunk in chunks:
                 batch = build_batch(self, [input_list[i] for i in chunk], [generated_list[i] for i in chunk],
                                     attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens)

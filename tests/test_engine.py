@@ -1,0 +1,47 @@
+"""The engine's cost model: one forward per batch for teacher-forced targets, whatever their length."""
+
+import pytest
+import torch
+
+import inseq_lightning as il
+
+
+def count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("method,expected", [("saliency", 1), ("input_x_gradient", 1), ("attention", 1),
+                                             ("dummy", 1), ("layer_gradient_x_activation", 1)])
+def test_one_forward_per_batch_for_all_steps(hf_models, method, expected):
+    model, tok = hf_models["gpt2"]
+    am = il.load_model(model, method, tokenizer=tok)
+    calls, handle = count_forwards(model)
+    try:
+        out = am.attribute(["Hello", "The cat"], ["Hello world, this is a cat on the mat", "The cat sat on the mat"],
+                           step_scores=["probability", "entropy"], show_progress=False)
+    finally:
+        handle.remove()
+    assert out[0].attr_pos_end - out[0].attr_pos_start >= 8
+    assert len(calls) == expected
+
+
+def test_integrated_gradients_runs_one_forward_per_chunk_of_integration_points(hf_models):
+    model, tok = hf_models["gpt2"]
+    am = il.load_model(model, "integrated_gradients", tokenizer=tok)
+    calls, handle = count_forwards(model)
+    try:
+        am.attribute("Hello", "Hello world, this is a cat", n_steps=12, internal_batch_size=4,
+                     step_scores=["probability"], show_progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 12 // 4 + 1  # integration chunks + one forward at the input for step scores
+
+
+def test_memory_budget_chunks_steps_without_changing_results(hf_models):
+    model, tok = hf_models["llama"]
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    whole = am.attribute("The", "The cat sat on the mat", show_progress=False)[0]
+    chunked = am.attribute("The", "The cat sat on the mat", memory_budget_bytes=1, show_progress=False)[0]
+    torch.testing.assert_close(whole.target_attributions.nan_to_num(), chunked.target_attributions.nan_to_num())

@@ -1,0 +1,79 @@
+"""Views: HTML that renders tokens as text, a console table, and a heatmap figure."""
+
+from html.parser import HTMLParser
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+import inseq_lightning as il
+from inseq_lightning.data import FeatureAttributionSequenceOutput, TokenWithId
+from inseq_lightning.viz.figure import attribution_figure
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self.attrs = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+NASTY = ["<script>alert(1)</script>", '"', "<img src=x onerror=alert(2)>", "&amp;", "'"]
+
+
+@pytest.fixture()
+def nasty_output():
+    n = len(NASTY)
+    target = [TokenWithId(t, i) for i, t in enumerate(NASTY)]
+    scores = torch.rand(n, n - 2)
+    scores[torch.arange(n)[:, None] >= torch.arange(2, n)[None, :]] = float("nan")
+    return FeatureAttributionSequenceOutput(
+        source=target[:2], target=target, target_attributions=scores, step_scores={"probability": torch.rand(n - 2)},
+        attr_pos_start=2, attr_pos_end=n, granularity="coarse")
+
+
+def test_html_renders_hostile_tokens_as_text(nasty_output):
+    html = il.show_attributions(nasty_output, display=False, return_html=True)
+    parser = _Collector()
+    parser.feed(html)
+    assert "script" not in parser.tags and "img" not in parser.tags
+    assert not any(name.startswith("on") for name, _ in parser.attrs)
+    text = "".join(parser.text)
+    for token in NASTY:
+        assert token in text, token
+
+
+def test_html_is_self_contained(hf_models):
+    model, tok = hf_models["marian"]
+    out = il.load_model(model, "saliency", tokenizer=tok).attribute("Hello world", "Le chat", step_scores=["probability"],
+                                                                     show_progress=False)
+    html = out.show(display=False, return_html=True)
+    parser = _Collector()
+    parser.feed(html)
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert "Source" in "".join(parser.text) and "probability" in "".join(parser.text)
+    assert html.count("<table") == 1
+
+
+def test_console_view_prints_tokens_and_scores(hf_models, capsys):
+    model, tok = hf_models["gpt2"]
+    out = il.load_model(model, "saliency", tokenizer=tok).attribute("Hello world", "Hello world, this",
+                                                                     step_scores=["probability"], show_progress=False)
+    assert il.show_attributions(out) is None
+    printed = capsys.readouterr().out
+    assert "Hell" in printed and "probability" in printed
+
+
+def test_heatmap_figure_has_one_cell_per_token_and_step(nasty_output):
+    fig = attribution_figure(nasty_output, title="probe")
+    ax = fig.axes[0]
+    image = ax.get_images()[0]
+    assert image.get_array().shape == (len(NASTY), len(NASTY) - 2)
+    assert [t.get_text() for t in ax.get_xticklabels()] == NASTY[2:]
+    plt.close(fig)
