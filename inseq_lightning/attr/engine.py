@@ -19,7 +19,9 @@ from .step_functions import StepFunctionArgs, step_function_kwargs
 if TYPE_CHECKING:
     from ..models.batch import Batch
 
-DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
+# Bounds the vectorised backward: large enough to batch a few steps of a GPT-2-small-sized model,
+# small enough that peak memory stays at the level of a one-step-at-a-time backward.
+DEFAULT_MEMORY_BUDGET_BYTES = 80 * 1024**2
 
 
 @dataclass

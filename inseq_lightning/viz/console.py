@@ -11,27 +11,33 @@ from .colors import rgb, score_range, text_color
 from .layout import build_grid
 
 
+def _clean(token: str) -> str:
+    """Show byte-level/SentencePiece space markers as spaces."""
+    return token.replace("Ġ", " ").replace("▁", " ")
+
+
 def sequence_table(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None) -> Table:
     grid = build_grid(seq)
     lo, hi = score_range([v for row in grid.scores for v in row], min_val, max_val)
     table = Table(title=title, show_lines=False)
     table.add_column("", justify="right", style="bold")
     for column in grid.column_labels:
-        table.add_column(Text(column), justify="center")
+        table.add_column(Text(_clean(column)), justify="center")
     for label, group, row in zip(grid.row_labels, grid.row_groups, grid.scores):
         cells = []
         for v in row:
             r, g, b = rgb(v, lo, hi)
             style = f"{text_color((r, g, b))} on rgb({r},{g},{b})"
-            cells.append(Text("" if math.isnan(v) else f"{v:.3f}", style=style))
-        table.add_row(Text(label, style="cyan" if group == "source" else "magenta"), *cells)
+            cells.append(Text("" if math.isnan(v) else f"{v:.2f}", style=style))
+        table.add_row(Text(_clean(label), style="cyan" if group == "source" else "magenta"), *cells)
     for name, values in grid.step_scores.items():
-        table.add_row(Text(name, style="italic"), *[Text(f"{v:.3f}") for v in values])
+        table.add_row(Text(name, style="italic"), *[Text(f"{v:.2f}") for v in values])
     return table
 
 
 def print_attributions(sequences: list[FeatureAttributionSequenceOutput], min_val=None, max_val=None,
                        console: Console | None = None) -> None:
-    console = console or Console()
+    # Off a terminal rich assumes 80 columns; a wider page keeps the scores readable in logs.
+    console = console or Console(width=None if Console().is_terminal else 200)
     for i, seq in enumerate(sequences):
         console.print(sequence_table(seq, min_val, max_val, title=f"Sequence {i}"))
