@@ -55,22 +55,18 @@ class EngineContext:
     def embeddings(self) -> list[torch.Tensor]:
         """The tensors attributed by embedding-level methods: ``[source]`` (+ ``target`` when
         ``attribute_target``) for encoder-decoder, ``[target]`` for decoder-only."""
-        b = self.batch
-        if self.is_encoder_decoder:
-            out = [self.model.embed(b.source_ids)]
-            if self.attribute_target:
-                out.append(self.model.embed(b.target_ids, as_targets=True))
-            return out
-        return [self.model.embed(b.target_ids)]
+        return self._embed_sides(self.batch.source_ids, self.batch.target_ids)
 
     def baseline_embeddings(self) -> list[torch.Tensor]:
-        b = self.batch
-        if self.is_encoder_decoder:
-            out = [self.model.embed(b.source_baseline_ids)]
-            if self.attribute_target:
-                out.append(self.model.embed(b.target_baseline_ids, as_targets=True))
-            return out
-        return [self.model.embed(b.target_baseline_ids)]
+        return self._embed_sides(self.batch.source_baseline_ids, self.batch.target_baseline_ids)
+
+    def _embed_sides(self, source_ids, target_ids) -> list[torch.Tensor]:
+        if not self.is_encoder_decoder:
+            return [self.model.embed(target_ids)]
+        out = [self.model.embed(source_ids)]
+        if self.attribute_target:
+            out.append(self.model.embed(target_ids, as_targets=True))
+        return out
 
     def input_ids(self) -> list[torch.Tensor]:
         b = self.batch
