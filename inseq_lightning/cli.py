@@ -4,10 +4,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from . import load_model
 from .viz import attributions_html, print_attributions
+from .viz.console import default_console
 
 DEMO_PROMPT = "Question: where is the key? Context: the key is under the red box. Answer:"
 DEMO_TARGET = DEMO_PROMPT + " the key is under the red box."
@@ -21,7 +20,7 @@ def _demo_model():
 
 
 def attribute_command(args: argparse.Namespace) -> int:
-    console = Console()
+    console = default_console()
     if args.model:
         model = load_model(args.model, args.method)
     else:

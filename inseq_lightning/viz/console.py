@@ -35,9 +35,14 @@ def sequence_table(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=
     return table
 
 
+def default_console() -> Console:
+    """Off a terminal rich assumes 80 columns; a wider page keeps the scores readable in logs."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=200)
+
+
 def print_attributions(sequences: list[FeatureAttributionSequenceOutput], min_val=None, max_val=None,
                        console: Console | None = None) -> None:
-    # Off a terminal rich assumes 80 columns; a wider page keeps the scores readable in logs.
-    console = console or Console(width=None if Console().is_terminal else 200)
+    console = console or default_console()
     for i, seq in enumerate(sequences):
         console.print(sequence_table(seq, min_val, max_val, title=f"Sequence {i}"))
