@@ -190,3 +190,28 @@ def test_output_step_attributions_match_sequence_columns(hf_models):
     for k, step in enumerate(out.step_attributions):
         torch.testing.assert_close(step.target_attributions[0].nan_to_num(), seq.target_attributions[:, k].nan_to_num())
         assert step.target[0] == seq.generated[k]
+
+
+def test_layer_deeplift_equals_captum_per_step(hf_models):
+    from captum.attr import LayerDeepLift
+
+    model, tok = hf_models["gpt2"]
+    out = il.load_model(model, "layer_deeplift", tokenizer=tok).attribute(
+        "Hello world", "Hello world, this is", show_progress=False)[0]
+    ids = tok("Hello world, this is")["input_ids"]
+
+    class StepProbability(torch.nn.Module):
+        def __init__(self, target):
+            super().__init__()
+            self.model, self.target = model, target
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids).logits[:, -1, :].softmax(-1)[:, self.target]
+
+    for k, pos in enumerate(range(out.attr_pos_start, out.attr_pos_end)):
+        x = torch.tensor([ids[:pos]])
+        base = torch.full_like(x, tok.unk_token_id)
+        base[x == tok.eos_token_id] = tok.eos_token_id
+        wrapper = StepProbability(ids[pos])
+        ref = LayerDeepLift(wrapper, model.get_input_embeddings()).attribute(x, baselines=base)
+        torch.testing.assert_close(out.target_attributions[:pos, k], ref[0].detach(), rtol=1e-3, atol=1e-8)
