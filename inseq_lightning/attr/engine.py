@@ -42,6 +42,8 @@ class EngineContext:
 
     def __post_init__(self):
         self.positions, self.valid = self.batch.step_index()
+        self._score_kwargs = step_function_kwargs(self.score_fn, self.score_kwargs)
+        self._decoder_embeds = None
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -68,6 +70,12 @@ class EngineContext:
             out.append(self.model.embed(target_ids, as_targets=True))
         return out
 
+    def decoder_embeddings(self) -> torch.Tensor:
+        """Target-side embeddings fed as-is (not attributed), computed once per batch."""
+        if self._decoder_embeds is None:
+            self._decoder_embeds = self.model.embed(self.batch.target_ids, as_targets=True).detach()
+        return self._decoder_embeds
+
     def input_ids(self) -> list[torch.Tensor]:
         b = self.batch
         return [b.source_ids] if self.is_encoder_decoder else [b.target_ids]
@@ -83,7 +91,7 @@ class EngineContext:
         b = self.batch
         if self.is_encoder_decoder:
             source = inputs[0]
-            target = inputs[1] if self.attribute_target else self.model.embed(b.target_ids, as_targets=True)
+            target = inputs[1] if self.attribute_target else self.decoder_embeddings()
             if target.shape[0] != source.shape[0]:
                 target = target.repeat(repeat, 1, 1)
             return self.model.model(
@@ -100,7 +108,7 @@ class EngineContext:
         embeds the attributed side) with ``layer_output``."""
         b = self.batch
         # Decoder embeddings are computed before the hook exists: the layer may be shared.
-        decoder_embeds = self.model.embed(b.target_ids, as_targets=True) if self.is_encoder_decoder else None
+        decoder_embeds = self.decoder_embeddings() if self.is_encoder_decoder else None
         layer = self.model.model.get_input_embeddings()
         handle = layer.register_forward_hook(lambda module, args, output: layer_output)
         try:
@@ -155,7 +163,7 @@ class EngineContext:
         """``[R*B, N]`` values of the attributed function for every step (0 on padding steps)."""
         logits = self.step_logits(output.logits)
         args = self.step_function_args(logits, is_attributed_fn=True)
-        values = self.score_fn(args, **step_function_kwargs(self.score_fn, self.score_kwargs))
+        values = self.score_fn(args, **self._score_kwargs)
         values = values.reshape(logits.shape[0], logits.shape[1]).to(logits.dtype)
         valid = self.valid.repeat(values.shape[0] // self.batch.size, 1)
         return torch.where(valid, values, torch.zeros_like(values))

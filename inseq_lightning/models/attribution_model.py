@@ -1,5 +1,6 @@
 """AttributionModel: a Hugging Face model + tokenizer that can attribute its own predictions."""
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -118,6 +119,8 @@ class AttributionModel:
             generated_texts: forced target(s); decoder-only targets must start with their prompt.
                 When None the model generates them with ``generation_args``.
             method: attribution method name (default: the one given to :func:`load_model`).
+            override_default_attribution: make ``method`` the default for later calls.
+            pretty_progress: accepted for inseq compatibility; the progress bar is always rich's compact bar.
             attr_pos_start, attr_pos_end: target positions to attribute.
             attribute_target: also attribute the target prefix (encoder-decoder).
             step_scores: step function names computed alongside (``[N]`` per sequence).
@@ -139,6 +142,8 @@ class AttributionModel:
         check_texts("input_texts", input_list)
         method_name = method or self.default_attribution_method
         attribution = get_method(method_name)
+        if override_default_attribution:
+            self.default_attribution_method = method_name
         if attribute_target and not attribution.supports_attribute_target:
             raise InvalidInputError(f"{method_name} attributes token ids, not embeddings: it cannot attribute_target")
         score_fn, score_fn_name = self._resolve_attributed_fn(attributed_fn)
@@ -206,8 +211,6 @@ class AttributionModel:
     def _route_kwargs(attribution, score_fn, step_fns, kwargs) -> tuple[dict, dict]:
         """Split ``**kwargs`` between the method, the attributed function and the step functions;
         a name none of them accepts is an error rather than silently ignored."""
-        import inspect
-
         method_params = set(inspect.signature(attribution.attribute).parameters) - {"self", "ctx", "kwargs"}
         attribution_args = dict(kwargs.pop("attribution_args", {}) or {})
         score_kwargs = dict(kwargs.pop("attributed_fn_args", {}) or {})
@@ -254,9 +257,9 @@ class AttributionModel:
                 fresh = ctx.step_logits(ctx.forward(ctx.embeddings()).logits)
                 return fresh.reshape(-1, fresh.shape[-1])
 
+            args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
             scores = {}
             for name, fn in step_fns.items():
-                args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
                 values = fn(args, **step_function_kwargs(fn, step_kwargs))
                 scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().cpu()
         return scores

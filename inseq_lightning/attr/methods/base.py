@@ -37,7 +37,6 @@ class AttributionMethod:
 
     name: str = ""
     granularity: str = "granular"
-    uses_attributed_fn: bool = True
     supports_attribute_target: bool = True
 
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
@@ -67,7 +66,6 @@ class DummyAttribution(AttributionMethod):
 
     name = "dummy"
     granularity = "none"
-    uses_attributed_fn = False
 
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
         return MethodResult(None, None, None)

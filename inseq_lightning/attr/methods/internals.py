@@ -23,7 +23,6 @@ class AttentionWeights(AttributionMethod):
 
     name = "attention"
     granularity = "multidimensional"
-    uses_attributed_fn = False
 
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
         model = ctx.model.model
