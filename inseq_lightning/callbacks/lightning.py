@@ -1,0 +1,215 @@
+"""``AttributionMonitor``: the Lightning callback, a thin adapter onto :class:`ProbeMonitor`.
+
+It decides when to attribute (cadence, accumulation boundaries, sanity check, validate/test),
+where results go (sinks found from ``trainer.loggers``) and what a checkpoint keeps (the drift
+history). Everything else lives in :mod:`inseq_lightning.monitor`.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from transformers import PreTrainedModel
+
+from ..monitor import ProbeMonitor
+from ..monitor.report import MonitorReport
+from ..sinks import FileSink, Sink, TensorBoardSink
+
+
+class AttributionMonitor(Callback):
+    r"""Attribute a fixed probe set on the live model during training and log it to the run's trackers.
+
+    Args:
+        probes: a :class:`~inseq_lightning.monitor.ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of
+            ``(prompt, target[, evidence])`` tuples, dicts or ``Probe`` objects.
+        method: attribution method name.
+        step_scores: step functions computed alongside (their means are logged as scalars).
+        every_n_train_steps: attribute every N optimizer steps (at gradient-accumulation boundaries).
+        every_n_epochs: attribute at the end of every N training epochs. Mutually exclusive with
+            ``every_n_train_steps``; when neither is given, ``every_n_epochs=1``.
+        attribute_on_fit_start: attribute once before the first step: the drift reference.
+        attribute_on_validate, attribute_on_test: attribute at the end of ``trainer.validate()`` /
+            ``trainer.test()`` (snapshots: they do not move the drift history).
+        method_kwargs: extra attribution arguments (e.g. ``{"n_steps": 20}``).
+        model: the Hugging Face model, a name of an attribute of the LightningModule holding it, or
+            None to find it (``pl_module.model``, or the module itself).
+        tokenizer: the tokenizer, or None for ``pl_module.tokenizer``.
+        log_text, log_figures, log_html, log_table: what to log besides scalars.
+        save_files: also write HTML, attribution JSON and a drift CSV under ``<log_dir>/attributions``.
+            None: only when no TensorBoard or W&B logger is attached.
+        batch_size: probes per forward pass.
+        strict: raise when a probe or sink fails instead of warning once and skipping it.
+        prefix: tag prefix (default ``attribution/<method>``); give two monitors different ones.
+        sinks: extra :class:`~inseq_lightning.sinks.Sink` objects (MLflow, a database, ...), fed on rank zero.
+
+    Example::
+
+        monitor = AttributionMonitor([("Paris is the capital of", " France")], every_n_train_steps=50)
+        Trainer(callbacks=[monitor], logger=TensorBoardLogger("runs")).fit(module)
+    """
+
+    def __init__(
+        self,
+        probes,
+        method: str = "saliency",
+        step_scores: Sequence[str] = ("probability",),
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        attribute_on_fit_start: bool = True,
+        attribute_on_validate: bool = True,
+        attribute_on_test: bool = True,
+        method_kwargs: dict[str, Any] | None = None,
+        model: PreTrainedModel | str | None = None,
+        tokenizer=None,
+        log_text: bool = True,
+        log_figures: bool = True,
+        log_html: bool = True,
+        log_table: bool = True,
+        save_files: bool | None = None,
+        batch_size: int = 8,
+        strict: bool = False,
+        prefix: str | None = None,
+        sinks: Sequence[Sink] = (),
+    ):
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise MisconfigurationException(
+                "AttributionMonitor: give every_n_train_steps or every_n_epochs, not both "
+                f"(got {every_n_train_steps} and {every_n_epochs})"
+            )
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MisconfigurationException(f"AttributionMonitor: {name} must be a positive integer, got {value!r}")
+        if every_n_train_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix)
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs
+        self.attribute_on_fit_start = attribute_on_fit_start
+        self.attribute_on_validate = attribute_on_validate
+        self.attribute_on_test = attribute_on_test
+        self._model_ref = model
+        self._tokenizer = tokenizer
+        self.log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
+                            "log_table": log_table}
+        self.save_files = save_files
+        self.extra_sinks = list(sinks)
+        self.sinks: list[Sink] = []
+        self.reports: list[MonitorReport] = []  # this process's reports, newest last (kept small)
+        self._last_seen_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.monitor.prefix, every_n_train_steps=self.every_n_train_steps,
+                                        every_n_epochs=self.every_n_epochs)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._resolve_model(pl_module)
+        # Directories are resolved on every rank: trainer.log_dir broadcasts, so calling it from
+        # rank zero alone would hang a distributed run.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self.sinks = self._build_sinks(trainer, log_dir) + self.extra_sinks if trainer.is_global_zero else []
+
+    def _resolve_model(self, pl_module: LightningModule):
+        model = self._model_ref
+        if isinstance(model, str):
+            model = getattr(pl_module, model, None)
+        elif model is None:
+            model = getattr(pl_module, "model", None)
+            if not isinstance(model, PreTrainedModel) and isinstance(pl_module, PreTrainedModel):
+                model = pl_module
+        if not isinstance(model, PreTrainedModel):
+            raise MisconfigurationException(
+                "AttributionMonitor could not find the Hugging Face model: keep it in `self.model` of your "
+                "LightningModule, or pass `model=` (the model or the attribute name holding it)"
+            )
+        tokenizer = self._tokenizer if self._tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise MisconfigurationException(
+                "AttributionMonitor needs the tokenizer: pass `tokenizer=` or set `self.tokenizer` on your LightningModule"
+            )
+        self.model, self.tokenizer = model, tokenizer
+
+    def _build_sinks(self, trainer: Trainer, log_dir: str) -> list[Sink]:
+        sinks: list[Sink] = []
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                sinks.append(TensorBoardSink(lg.experiment, lg.log_dir, self.log_options["log_text"],
+                                             self.log_options["log_figures"], self.log_options["log_html"]))
+            elif isinstance(lg, WandbLogger):
+                from ..sinks.wandb import WandbSink
+
+                sinks.append(WandbSink(lg.experiment, "trainer/global_step", self.log_options["log_html"],
+                                       self.log_options["log_figures"], self.log_options["log_table"]))
+        save_files = self.save_files if self.save_files is not None else not sinks
+        if save_files:
+            roots = [lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+            sinks.append(FileSink(Path(roots[0] if roots else log_dir) / "attributions" / _folder(self.monitor.prefix)))
+        return sinks
+
+    # ---- the pass -----------------------------------------------------------------------------
+    def _run(self, trainer: Trainer, stage: str) -> None:
+        step = trainer.global_step
+        if self.monitor.already_logged(step, stage):
+            return
+        if not trainer.is_global_zero:
+            # Under DDP each rank holds the full model; rank zero attributes and logs alone.
+            return
+        report = self.monitor.run(self.model, self.tokenizer, step, trainer.current_epoch, stage, self.sinks)
+        self.reports = (self.reports + [report])[-20:]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_seen_step = trainer.global_step
+        if self.attribute_on_fit_start:
+            self._run(trainer, "fit")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_train_steps is None:
+            return
+        # global_step moves only when the optimizer steps, i.e. at gradient-accumulation boundaries.
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return
+        self._last_seen_step = step
+        if step % self.every_n_train_steps == 0:
+            self._run(trainer, "fit")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, "fit")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "validate" or not self.attribute_on_validate:
+            return
+        self._run(trainer, "validate")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.attribute_on_test:
+            self._run(trainer, "test")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as error:  # noqa: BLE001 - never fail the run while closing
+                self.monitor._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed to close", error)
+
+    # ---- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)
+
+    @property
+    def history(self):
+        """The drift history: ``history.probes[name].rows`` holds one row of scalars per pass."""
+        return self.monitor.history
+
+
+def _folder(prefix: str) -> str:
+    return prefix.replace("/", "_")

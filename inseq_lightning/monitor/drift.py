@@ -1,0 +1,145 @@
+"""Attribution drift: how a probe's attribution map moves against the first and the previous checkpoint.
+
+A map is a probe's aggregated, normalized attributions laid out as ``[rows, steps]``: rows are
+the context tokens (source tokens, then target-prefix tokens when they were attributed), columns
+are the attributed target tokens; NaN marks a token that did not exist yet at that step. Every
+metric is computed per column over the rows valid in both maps, then averaged over columns.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.outputs import FeatureAttributionSequenceOutput
+
+DRIFT_METRICS = ("cosine", "js_divergence", "top1_agreement", "top3_agreement", "spearman")
+
+
+@dataclass
+class AttributionMap:
+    """The comparable part of one aggregated attribution: scores, the ids they belong to, the source rows."""
+
+    scores: np.ndarray  # [R, N]
+    row_ids: tuple[int, ...]
+    column_ids: tuple[int, ...]
+    n_source: int  # the first n_source rows are source (decoder-only: prompt) tokens
+
+    @classmethod
+    def from_sequence(cls, seq: FeatureAttributionSequenceOutput) -> "AttributionMap":
+        if seq.source_attributions is not None and seq.source_attributions.ndim != 2:
+            raise ValueError("Drift needs aggregated attributions ([tokens, steps]); call aggregate() first")
+        blocks, rows = [], []
+        if seq.source_attributions is not None:  # encoder-decoder
+            blocks.append(seq.source_attributions.detach().float().cpu().numpy())
+            rows += [t.id for t in seq.source]
+            n_source = len(seq.source)
+            if seq.target_attributions is not None:
+                blocks.append(seq.target_attributions.detach().float().cpu().numpy())
+                rows += [t.id for t in seq.target]
+        else:  # decoder-only: the prompt tokens are the first target rows
+            blocks.append(seq.target_attributions.detach().float().cpu().numpy())
+            rows += [t.id for t in seq.target]
+            n_source = len(seq.source)
+        scores = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+        return cls(scores, tuple(rows), tuple(t.id for t in seq.generated), n_source)
+
+    def comparable(self, other: "AttributionMap") -> bool:
+        """Same tokens in the same places (always true for teacher-forced probes)."""
+        return self.row_ids == other.row_ids and self.column_ids == other.column_ids
+
+    def to_state(self) -> dict:
+        return {"scores": [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in self.scores],
+                "row_ids": list(self.row_ids), "column_ids": list(self.column_ids), "n_source": self.n_source}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "AttributionMap":
+        scores = np.array([[np.nan if v is None else v for v in row] for row in state["scores"]], dtype=float)
+        return cls(scores.reshape(len(state["row_ids"]), len(state["column_ids"])), tuple(state["row_ids"]),
+                   tuple(state["column_ids"]), int(state["n_source"]))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), as Spearman's coefficient needs."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else math.nan
+
+
+def _js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits (0 = same distribution, 1 = disjoint)."""
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float((x[nz] * np.log2(x[nz] / m[nz])).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def _top_k(values: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-values, kind="mergesort")[:k].tolist())
+
+
+def column_drift(a: np.ndarray, b: np.ndarray, n_source: int) -> dict[str, float]:
+    """Metrics between two columns (NaN = row not valid)."""
+    valid = ~np.isnan(a) & ~np.isnan(b)
+    x, y = a[valid], b[valid]
+    out = dict.fromkeys(DRIFT_METRICS, math.nan)
+    if len(x) == 0:
+        return out
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    out["cosine"] = float(x @ y / norm) if norm > 0 else math.nan
+    px, py = np.abs(x), np.abs(y)
+    if px.sum() > 0 and py.sum() > 0:
+        out["js_divergence"] = _js_divergence(px, py)
+    if len(x) >= 2:
+        out["spearman"] = _pearson(_ranks(x), _ranks(y))
+    src = valid[:n_source]
+    if src.any():
+        sa, sb = np.abs(a[:n_source][src]), np.abs(b[:n_source][src])
+        out["top1_agreement"] = float(_top_k(sa, 1) == _top_k(sb, 1))
+        k = min(3, len(sa))
+        out["top3_agreement"] = len(_top_k(sa, k) & _top_k(sb, k)) / k
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def map_drift(current: AttributionMap, other: AttributionMap) -> dict[str, float]:
+    """Column-averaged drift metrics; all NaN when the maps hold different tokens."""
+    if not current.comparable(other):
+        return dict.fromkeys(DRIFT_METRICS, math.nan)
+    per_column = [column_drift(current.scores[:, j], other.scores[:, j], current.n_source)
+                  for j in range(current.scores.shape[1])]
+    return {name: _nanmean([c[name] for c in per_column]) for name in DRIFT_METRICS}
+
+
+def evidence_mass(attribution_map: AttributionMap, evidence_rows: list[int]) -> float:
+    """Share of absolute attribution on the evidence rows, averaged over steps (columns)."""
+    if not evidence_rows:
+        return math.nan
+    shares = []
+    for j in range(attribution_map.scores.shape[1]):
+        column = attribution_map.scores[:, j]
+        valid = ~np.isnan(column)
+        total = float(np.abs(column[valid]).sum())
+        if total > 0:
+            on_evidence = float(np.nansum(np.abs(column[evidence_rows])))
+            shares.append(on_evidence / total)
+    return _nanmean(shares)

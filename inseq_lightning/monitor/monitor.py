@@ -1,0 +1,209 @@
+"""The framework-free monitor: attribute the probes on the live model, measure drift, feed the sinks.
+
+Both the Lightning callback and the Hugging Face callback are thin adapters onto this class:
+they decide *when* to call :meth:`ProbeMonitor.run`; this class decides *what* happens.
+"""
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..attr.methods import get_method
+from ..attr.step_functions import get_step_function
+from ..data.outputs import FeatureAttributionOutput
+from ..errors import InseqLightningError
+from ..models.attribution_model import AttributionModel
+from .drift import AttributionMap, evidence_mass, map_drift
+from .evidence import evidence_rows
+from .guards import attribution_guard
+from .history import DriftHistory
+from .probes import Probe, ProbeSet
+from .report import MonitorReport, ProbeResult
+
+logger = logging.getLogger(__name__)
+
+
+class AttributionMonitorWarning(UserWarning):
+    """A probe or sink failed during monitoring; training goes on (``strict=False``)."""
+
+
+class MonitoringError(InseqLightningError, RuntimeError):
+    """A probe or sink failed and the monitor was built with ``strict=True``."""
+
+
+class ProbeMonitor:
+    """Attributes a fixed probe set on a live model and hands the results to sinks.
+
+    Args:
+        probes: a :class:`ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of ``(prompt, target)``
+            pairs, dicts or :class:`Probe` objects.
+        method: attribution method (see ``list_feature_attribution_methods()``).
+        step_scores: step functions computed alongside (see ``list_step_functions()``).
+        method_kwargs: extra arguments of ``AttributionModel.attribute`` (e.g. ``n_steps``).
+        batch_size: probes per forward pass.
+        strict: raise :class:`MonitoringError` instead of warning when a probe or sink fails.
+        prefix: tag prefix of every logged value (default ``attribution/<method>``).
+    """
+
+    def __init__(self, probes, method: str = "saliency", step_scores: Sequence[str] = ("probability",),
+                 method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
+                 prefix: str | None = None):
+        self.probes = ProbeSet.coerce(probes)
+        get_method(method)  # unknown names fail here, with the list of valid ones
+        for name in step_scores:
+            get_step_function(name)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.method = method
+        self.step_scores = tuple(step_scores)
+        self.method_kwargs = dict(method_kwargs or {})
+        self.batch_size = batch_size
+        self.strict = strict
+        self.prefix = prefix or f"attribution/{method}"
+        self.history = DriftHistory()
+        self._warned: set[str] = set()
+        self._wrappers: dict[tuple[int, int], AttributionModel] = {}
+
+    # ---- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"method": self.method, "prefix": self.prefix, "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = DriftHistory.from_state_dict(state["history"])
+
+    def already_logged(self, step: int, stage: str = "fit") -> bool:
+        return self.history.last_step.get(stage) == step
+
+    # ---- failure isolation --------------------------------------------------------------------
+    def _fail(self, key: str, message: str, error: BaseException) -> None:
+        if self.strict:
+            raise MonitoringError(f"{message}: {type(error).__name__}: {error}") from error
+        if key not in self._warned:  # once per probe/sink, not once per step
+            self._warned.add(key)
+            warnings.warn(f"{message}; it is skipped (strict=False). {type(error).__name__}: {error}",
+                          AttributionMonitorWarning, stacklevel=3)
+        logger.debug("%s", message, exc_info=error)
+
+    # ---- the pass -----------------------------------------------------------------------------
+    def _wrapper(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> AttributionModel:
+        key = (id(model), id(tokenizer))
+        if key not in self._wrappers:
+            self._wrappers[key] = AttributionModel(model, tokenizer, self.method)
+        return self._wrappers[key]
+
+    def _targets(self, wrapper: AttributionModel, probes: list[Probe]) -> list[str]:
+        if self.probes.generate:
+            return wrapper.generate([p.prompt for p in probes], **self.probes.generation_args)
+        if wrapper.is_encoder_decoder:
+            return [p.target for p in probes]
+        # Decoder-only targets may omit their prompt.
+        return [p.target if p.target.startswith(p.prompt) else p.prompt + p.target for p in probes]
+
+    def _attribute(self, wrapper: AttributionModel, probes: list[Probe]) -> FeatureAttributionOutput:
+        return wrapper.attribute(
+            [p.prompt for p in probes], self._targets(wrapper, probes), method=self.method,
+            step_scores=self.step_scores, show_progress=False, batch_size=self.batch_size, **self.method_kwargs,
+        )
+
+    def attribute_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         probes: list[Probe] | None = None) -> tuple[dict[str, FeatureAttributionOutput], dict[str, str]]:
+        """Attribute ``probes`` (default: all) on the live model, under :func:`attribution_guard`.
+
+        All probes go in batches; when a batch fails, its probes are retried one by one so a single
+        bad probe (too long, say) is skipped and the others still log.
+        """
+        probes = list(self.probes) if probes is None else probes
+        outputs: dict[str, FeatureAttributionOutput] = {}
+        skipped: dict[str, str] = {}
+        with attribution_guard(model):
+            wrapper = self._wrapper(model, tokenizer)
+            for start in range(0, len(probes), self.batch_size):
+                chunk = probes[start : start + self.batch_size]
+                try:
+                    out = self._attribute(wrapper, chunk)
+                    outputs.update({p.name: FeatureAttributionOutput([seq], dict(out.info))
+                                    for p, seq in zip(chunk, out.sequence_attributions)})
+                    continue
+                except Exception:  # noqa: BLE001 - isolate below, probe by probe
+                    pass
+                for probe in chunk:
+                    try:
+                        outputs[probe.name] = self._attribute(wrapper, [probe])
+                    except Exception as error:  # noqa: BLE001 - a probe must not kill training
+                        skipped[probe.name] = f"{type(error).__name__}: {error}"
+                        self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be attributed", error)
+        return outputs, skipped
+
+    def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
+            stage: str = "fit", sinks: Sequence = ()) -> MonitorReport:
+        """One monitoring pass: attribute, measure drift against the history, publish to ``sinks``."""
+        started = time.perf_counter()
+        outputs, skipped = self.attribute_probes(model, tokenizer)
+        report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started, tokenizer)
+        self.publish(report, sinks)
+        return report
+
+    def build_report(self, outputs: dict[str, FeatureAttributionOutput], skipped: dict[str, str], step: int,
+                     epoch: int | None, stage: str, seconds: float, tokenizer: PreTrainedTokenizerBase) -> MonitorReport:
+        """Aggregate, compare with the history (then update it) and collect the results in probe order."""
+        results = []
+        for probe in self.probes:
+            if probe.name not in outputs:
+                continue
+            try:
+                results.append(self._probe_result(probe, outputs[probe.name], step, stage, tokenizer))
+            except Exception as error:  # noqa: BLE001
+                skipped[probe.name] = f"{type(error).__name__}: {error}"
+                self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be summarised", error)
+        self.history.last_step[stage] = step
+        return MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds)
+
+    def _probe_result(self, probe: Probe, output: FeatureAttributionOutput, step: int, stage: str,
+                      tokenizer: PreTrainedTokenizerBase) -> ProbeResult:
+        seq = output.sequence_attributions[0]
+        aggregated = seq.aggregate()
+        scores = {name: float(values.float().mean()) for name, values in aggregated.step_scores.items()}
+        current = AttributionMap.from_sequence(aggregated)
+        result = ProbeResult(probe, output, aggregated, scores)
+        spans = probe.evidence_spans()
+        if spans:
+            rows = evidence_rows(tokenizer, probe.prompt, [t.id for t in seq.source], spans)
+            if rows is None:
+                self._fail(f"evidence:{probe.name}", f"Probe {probe.name!r}: evidence could not be located in tokens",
+                           ValueError("the tokenizer gives no offsets that match the attributed tokens"))
+            else:
+                result.evidence_mass = evidence_mass(current, rows)
+        if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
+            return result
+        history = self.history.probe(probe.name)
+        if history.reference is not None:
+            result.reference_step, result.previous_step = history.reference_step, history.previous_step
+            result.drift_reference = map_drift(current, history.reference)
+            result.drift_previous = map_drift(current, history.previous)
+            result.score_change_reference = _changes(scores, history.reference_scores)
+            result.score_change_previous = _changes(scores, history.previous_scores)
+        else:
+            history.reference, history.reference_step, history.reference_scores = current, step, scores
+        history.previous, history.previous_step, history.previous_scores = current, step, scores
+        history.rows.append({"step": step, **{k: round(v, 6) for k, v in result.scalars().items()}})
+        return result
+
+    def publish(self, report: MonitorReport, sinks: Sequence) -> None:
+        """Hand the report to each sink; a sink that raises is reported once and skipped."""
+        for sink in sinks:
+            try:
+                sink.log_report(report)
+            except Exception as error:  # noqa: BLE001 - a sink must not kill training
+                self._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed", error)
+
+
+def _changes(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: now[k] - before[k] for k in now if k in before and not math.isnan(before[k])}
+
+
+__all__ = ["ProbeMonitor", "AttributionMonitorWarning", "MonitoringError"]

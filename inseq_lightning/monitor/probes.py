@@ -1,0 +1,177 @@
+"""Probe sets: the fixed (prompt, target) pairs the monitor attributes at every checkpoint."""
+
+import csv
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A name usable as a file name and a tracker tag (letters, digits, ``_ . -``)."""
+    cleaned = _SAFE_NAME.sub("_", name).strip("._") or "probe"
+    return cleaned[:80]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe example.
+
+    Attributes:
+        prompt: the input (decoder-only: the prompt; encoder-decoder: the source text).
+        target: the forced target. Decoder-only targets may be given with or without the prompt
+            in front; the prompt is prepended when missing. ``None`` asks the model to generate it.
+        evidence: what a correct model should rely on, in the prompt: words/phrases (every
+            occurrence counts) or ``(start, end)`` character spans.
+        name: a unique name, used in tags and file names.
+    """
+
+    prompt: str
+    target: str | None = None
+    evidence: tuple[str | tuple[int, int], ...] = ()
+    name: str = ""
+
+    def evidence_spans(self) -> list[tuple[int, int]]:
+        """Character spans of the evidence in ``prompt``."""
+        spans: list[tuple[int, int]] = []
+        for item in self.evidence:
+            if isinstance(item, str):
+                found = [(m.start(), m.end()) for m in re.finditer(re.escape(item), self.prompt)]
+                if not found:
+                    raise InvalidInputError(f"Probe {self.name!r}: evidence {item!r} does not occur in its prompt")
+                spans.extend(found)
+            else:
+                start, end = int(item[0]), int(item[1])
+                if not 0 <= start < end <= len(self.prompt):
+                    raise InvalidInputError(
+                        f"Probe {self.name!r}: evidence span {item!r} is outside its prompt (length {len(self.prompt)})"
+                    )
+                spans.append((start, end))
+        return spans
+
+
+def _evidence(value: Any) -> tuple:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        # CSV cells: a JSON list, or words separated by "|".
+        value = json.loads(value) if value.lstrip().startswith("[") else [v for v in value.split("|") if v]
+    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+
+
+@dataclass
+class ProbeSet:
+    """An ordered set of probes with unique names.
+
+    Build it from lists (:meth:`from_lists`), records (:meth:`from_records`), a JSONL or CSV file
+    (:meth:`from_file`) or a ``datasets.Dataset`` (:meth:`from_dataset`).
+
+    Attributes:
+        probes: the probes.
+        generate: attribute the model's own greedy continuation instead of the fixed targets
+            (targets then change between checkpoints, and drift is only compared where they match).
+        generation_args: passed to ``model.generate`` in generate mode.
+    """
+
+    probes: list[Probe]
+    generate: bool = False
+    generation_args: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 10, "do_sample": False})
+
+    def __post_init__(self):
+        if not self.probes:
+            raise InvalidInputError("A ProbeSet needs at least one probe")
+        named = []
+        for i, probe in enumerate(self.probes):
+            if not isinstance(probe.prompt, str) or not probe.prompt.strip():
+                raise InvalidInputError(f"Probe {i} has an empty prompt")
+            if probe.target is None and not self.generate:
+                raise InvalidInputError(f"Probe {i} has no target; give one, or use generate=True")
+            named.append(probe if probe.name else Probe(probe.prompt, probe.target, probe.evidence, f"probe_{i}"))
+        names = [safe_name(p.name) for p in named]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"Probe names must be unique (after sanitising): {names}")
+        self.probes = [Probe(p.prompt, p.target, p.evidence, n) for p, n in zip(named, names)]
+        for probe in self.probes:
+            probe.evidence_spans()  # fail now, not at step 1000
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes)
+
+    def __getitem__(self, index: int) -> Probe:
+        return self.probes[index]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    @classmethod
+    def from_lists(cls, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
+                   evidence: Sequence[Sequence] | None = None, names: Sequence[str] | None = None,
+                   **kwargs) -> "ProbeSet":
+        n = len(prompts)
+        for label, values in (("targets", targets), ("evidence", evidence), ("names", names)):
+            if values is not None and len(values) != n:
+                raise InvalidInputError(f"{n} prompts but {len(values)} {label}; pass one per prompt")
+        return cls([
+            Probe(prompts[i], targets[i] if targets is not None else None,
+                  _evidence(evidence[i]) if evidence is not None else (), names[i] if names is not None else "")
+            for i in range(n)
+        ], **kwargs)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]], prompt_key: str = "prompt", target_key: str = "target",
+                     evidence_key: str = "evidence", name_key: str = "name", **kwargs) -> "ProbeSet":
+        probes = []
+        for i, record in enumerate(records):
+            if prompt_key not in record:
+                raise InvalidInputError(f"Probe record {i} has no {prompt_key!r} field (fields: {sorted(record)})")
+            probes.append(Probe(record[prompt_key], record.get(target_key) or None,
+                                _evidence(record.get(evidence_key)), str(record.get(name_key) or "")))
+        return cls(probes, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> "ProbeSet":
+        """A ``.jsonl`` file (one JSON object per line) or a ``.csv`` file with a header row."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInputError(f"Probe file {path} does not exist")
+        if path.suffix == ".jsonl":
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return cls.from_records([json.loads(line) for line in lines], **kwargs)
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                return cls.from_records(list(csv.DictReader(handle)), **kwargs)
+        raise InvalidInputError(f"Probe file {path} must end in .jsonl or .csv")
+
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "ProbeSet":
+        """A ``datasets.Dataset`` (or any iterable of dict rows) with prompt/target/evidence columns."""
+        return cls.from_records(list(dataset), **kwargs)
+
+    @classmethod
+    def coerce(cls, probes: "ProbeSet | Sequence | str | Path") -> "ProbeSet":
+        """Accept a ProbeSet, a path, a list of ``(prompt, target)`` pairs, dicts or :class:`Probe`."""
+        if isinstance(probes, ProbeSet):
+            return probes
+        if isinstance(probes, (str, Path)):
+            return cls.from_file(probes)
+        items = list(probes)
+        if items and all(isinstance(p, Probe) for p in items):
+            return cls(items)
+        if items and all(isinstance(p, Mapping) for p in items):
+            return cls.from_records(items)
+        if items and all(isinstance(p, (tuple, list)) and len(p) in (2, 3) for p in items):
+            return cls([Probe(p[0], p[1], _evidence(p[2]) if len(p) == 3 else ()) for p in items])
+        raise InvalidInputError(
+            "probes must be a ProbeSet, a .jsonl/.csv path, or a list of (prompt, target[, evidence]) tuples, "
+            "dicts or Probe objects"
+        )

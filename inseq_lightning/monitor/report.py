@@ -1,0 +1,78 @@
+"""What one monitoring pass produced: per-probe results, ready for the sinks."""
+
+import math
+from dataclasses import dataclass, field
+
+from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
+from .drift import DRIFT_METRICS
+from .probes import Probe
+
+
+@dataclass
+class ProbeResult:
+    """One probe at one step.
+
+    Attributes:
+        probe: the probe.
+        output: the raw attribution (one sequence), loadable with ``FeatureAttributionOutput.load``.
+        aggregated: the aggregated, normalized sequence used for drift, tables, HTML and figures.
+        step_scores: mean of each step score over the attributed tokens.
+        drift_reference, drift_previous: drift metrics against the first and the previous pass.
+        score_change_reference, score_change_previous: change of each mean step score.
+        evidence_mass: share of attribution on the evidence tokens (NaN without evidence).
+        reference_step, previous_step: the steps compared with (None on the first pass).
+    """
+
+    probe: Probe
+    output: FeatureAttributionOutput
+    aggregated: FeatureAttributionSequenceOutput
+    step_scores: dict[str, float]
+    drift_reference: dict[str, float] = field(default_factory=dict)
+    drift_previous: dict[str, float] = field(default_factory=dict)
+    score_change_reference: dict[str, float] = field(default_factory=dict)
+    score_change_previous: dict[str, float] = field(default_factory=dict)
+    evidence_mass: float = math.nan
+    reference_step: int | None = None
+    previous_step: int | None = None
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``{name: value}`` of every finite number (names are relative: ``drift_ref/cosine``)."""
+        values: dict[str, float] = {}
+        for name, value in self.step_scores.items():
+            values[f"step_score/{name}"] = value
+        for name in DRIFT_METRICS:
+            values[f"drift_ref/{name}"] = self.drift_reference.get(name, math.nan)
+            values[f"drift_prev/{name}"] = self.drift_previous.get(name, math.nan)
+        for name, value in self.score_change_reference.items():
+            values[f"step_score_change_ref/{name}"] = value
+        for name, value in self.score_change_previous.items():
+            values[f"step_score_change_prev/{name}"] = value
+        values["evidence_mass"] = self.evidence_mass
+        return {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
+
+
+@dataclass
+class MonitorReport:
+    """Everything a pass produced; sinks read it and never change it."""
+
+    step: int
+    epoch: int | None
+    stage: str  # "fit", "validate" or "test"
+    method: str
+    prefix: str
+    results: list[ProbeResult]
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar under its full tag: ``<prefix>/<probe>/<name>`` and the probe mean ``<prefix>/mean/<name>``."""
+        tags: dict[str, float] = {}
+        pooled: dict[str, list[float]] = {}
+        for result in self.results:
+            for name, value in result.scalars().items():
+                tags[f"{self.prefix}/{result.probe.name}/{name}"] = value
+                pooled.setdefault(name, []).append(value)
+        for name, values in pooled.items():
+            tags[f"{self.prefix}/mean/{name}"] = sum(values) / len(values)
+        tags[f"{self.prefix}/seconds"] = self.seconds
+        return tags

@@ -1,0 +1,73 @@
+"""TensorBoard: scalars, a Markdown table and a heatmap per probe, and the HTML for the plugin tab."""
+
+import json
+import matplotlib.pyplot as plt
+from pathlib import Path
+
+from ..monitor.report import MonitorReport
+from .base import Sink
+from .render import markdown_table, result_figure, result_html
+
+PLUGIN_NAME = "inseq_lightning"
+
+
+def write_plugin_html(log_dir: str | Path, report: MonitorReport, pages: dict[str, str]) -> list[Path]:
+    """Write ``<log_dir>/plugins/inseq_lightning/step_<N>/<probe>.html`` and update ``index.json``,
+    the list of pages the plugin serves (it never joins a request path itself)."""
+    root = Path(log_dir) / "plugins" / PLUGIN_NAME
+    folder = root / f"step_{report.step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for probe, page in pages.items():
+        path = folder / f"{probe}.html"
+        path.write_text(page, encoding="utf-8")
+        written.append(path)
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"pages": []}
+    known = {(p["step"], p["probe"], p["prefix"]) for p in index["pages"]}
+    for probe in pages:
+        if (report.step, probe, report.prefix) not in known:
+            index["pages"].append({"step": report.step, "probe": probe, "prefix": report.prefix,
+                                   "method": report.method, "path": f"step_{report.step}/{probe}.html"})
+    index_path.write_text(json.dumps(index, indent=1))
+    return written
+
+
+class TensorBoardSink(Sink):
+    """Logs into a ``SummaryWriter`` (for Lightning: ``TensorBoardLogger.experiment``).
+
+    Args:
+        writer: the run's ``torch.utils.tensorboard.SummaryWriter``.
+        log_dir: the run's directory (default: ``writer.log_dir``), where the plugin HTML goes.
+        log_text, log_figures, log_html: what to log besides scalars.
+    """
+
+    def __init__(self, writer, log_dir: str | Path | None = None, log_text: bool = True, log_figures: bool = True,
+                 log_html: bool = True):
+        self.writer = writer
+        self.log_dir = Path(log_dir or writer.log_dir)
+        self.log_text, self.log_figures, self.log_html = log_text, log_figures, log_html
+
+    def log_report(self, report: MonitorReport) -> None:
+        step = report.step
+        for tag, value in report.scalars().items():
+            self.writer.add_scalar(tag, value, step)
+        pages = {}
+        for result in report.results:
+            base = f"{report.prefix}/{result.probe.name}"
+            if self.log_text:
+                self.writer.add_text(f"{base}/table", markdown_table(result, step), step)
+            if self.log_figures:
+                figure = result_figure(result, report)
+                try:
+                    self.writer.add_figure(f"{base}/heatmap", figure, step, close=True)
+                finally:
+                    plt.close(figure)
+            if self.log_html:
+                pages[result.probe.name] = result_html(result, report)
+        if pages:
+            write_plugin_html(self.log_dir, report, pages)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.flush()

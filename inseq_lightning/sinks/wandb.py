@@ -1,0 +1,57 @@
+"""Weights & Biases: the HTML as ``wandb.Html``, heatmap images, an incremental table, scalars.
+
+Everything goes through one ``run.log`` call per pass with the key ``trainer/global_step``
+(never ``step=``: W&B drops non-monotonic steps, and the trainer owns the step counter).
+"""
+
+import matplotlib.pyplot as plt
+
+from ..monitor.report import MonitorReport
+from .base import Sink
+from .render import result_figure, result_html, table_columns, table_row
+
+
+class WandbSink(Sink):
+    """Logs into an active W&B run (for Lightning: ``WandbLogger.experiment``).
+
+    Args:
+        run: the ``wandb`` run.
+        step_key: the step metric logged with every entry (Lightning: ``trainer/global_step``;
+            the HF Trainer: ``train/global_step``).
+        log_html, log_figures, log_table: what to log besides scalars.
+    """
+
+    def __init__(self, run, step_key: str = "trainer/global_step", log_html: bool = True, log_figures: bool = True,
+                 log_table: bool = True):
+        self.run = run
+        self.step_key = step_key
+        self.log_html, self.log_figures, self.log_table = log_html, log_figures, log_table
+        self._table = None
+        self._score_names: list[str] | None = None
+
+    def log_report(self, report: MonitorReport) -> None:
+        import wandb
+
+        entry: dict = dict(report.scalars())
+        figures = []
+        try:
+            for result in report.results:
+                base = f"{report.prefix}/{result.probe.name}"
+                if self.log_html:
+                    entry[f"{base}/html"] = wandb.Html(result_html(result, report), inject=False, data_is_not_path=True)
+                if self.log_figures:
+                    figure = result_figure(result, report)
+                    figures.append(figure)
+                    entry[f"{base}/heatmap"] = wandb.Image(figure)
+            if self.log_table and report.results:
+                if self._table is None:
+                    self._score_names = sorted(report.results[0].step_scores)
+                    self._table = wandb.Table(columns=table_columns(self._score_names), log_mode="INCREMENTAL")
+                for result in report.results:
+                    self._table.add_data(*table_row(result, report, self._score_names))
+                entry[f"{report.prefix}/table"] = self._table
+            entry[self.step_key] = report.step
+            self.run.log(entry)
+        finally:
+            for figure in figures:
+                plt.close(figure)
