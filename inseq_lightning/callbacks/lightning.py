@@ -5,6 +5,7 @@ where results go (sinks found from ``trainer.loggers``) and what a checkpoint ke
 history). Everything else lives in :mod:`inseq_lightning.monitor`.
 """
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class AttributionMonitor(Callback):
         self.sinks: list[Sink] = []
         self.reports: list[MonitorReport] = []  # this process's reports, newest last (kept small)
         self._last_seen_step: int | None = None
+        self.seconds_spent = 0.0  # wall time inside the monitor (attribution + sinks), this process
 
     @property
     def state_key(self) -> str:
@@ -159,7 +161,9 @@ class AttributionMonitor(Callback):
         if not trainer.is_global_zero:
             # Under DDP each rank holds the full model; rank zero attributes and logs alone.
             return
+        started = time.perf_counter()
         report = self.monitor.run(self.model, self.tokenizer, step, trainer.current_epoch, stage, self.sinks)
+        self.seconds_spent += time.perf_counter() - started
         self.reports = (self.reports + [report])[-20:]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

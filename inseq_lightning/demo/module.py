@@ -39,6 +39,9 @@ class PairsLM(LightningModule):
     def __init__(self, model, tokenizer, pairs: list[tuple[str, str]], lr: float = 1e-4, batch_size: int = 4,
                  val_pairs: list[tuple[str, str]] | None = None):
         super().__init__()
+        # from_pretrained returns eval mode, and Lightning 2.6 keeps the modes it finds: switch
+        # dropout on for training here (Lightning restores it after each validation loop).
+        model.train()
         self.model, self.tokenizer = model, tokenizer
         self.pairs, self.val_pairs = pairs, val_pairs or pairs[:4]
         self.lr, self.batch_size = lr, batch_size

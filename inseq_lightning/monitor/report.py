@@ -63,6 +63,8 @@ class MonitorReport:
     results: list[ProbeResult]
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # Renderings shared by the sinks (a heatmap is drawn once, not once per tracker).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def scalars(self) -> dict[str, float]:
         """Every scalar under its full tag: ``<prefix>/<probe>/<name>`` and the probe mean ``<prefix>/mean/<name>``."""

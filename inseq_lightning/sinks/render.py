@@ -5,7 +5,10 @@ import math
 
 from ..monitor.drift import DRIFT_METRICS
 from ..monitor.report import MonitorReport, ProbeResult
-from ..viz.figure import attribution_figure
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..viz.figure import attribution_figure, figure_to_rgb
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid
 
@@ -63,14 +66,25 @@ def markdown_table(result: ProbeResult, step: int) -> str:
 
 
 def result_html(result: ProbeResult, report: MonitorReport) -> str:
-    """The ``show_attributions`` HTML document of one probe, titled with its step."""
-    title = f"{result.probe.name} · {report.method} · step {report.step}"
-    return attributions_html([result.aggregated], title=title)
+    """The ``show_attributions`` HTML document of one probe, titled with its step (rendered once per report)."""
+    key = ("html", result.probe.name)
+    if key not in report.cache:
+        title = f"{result.probe.name} · {report.method} · step {report.step}"
+        report.cache[key] = attributions_html([result.aggregated], title=title)
+    return report.cache[key]
 
 
-def result_figure(result: ProbeResult, report: MonitorReport):
-    """A matplotlib heatmap; the caller closes it."""
-    return attribution_figure(result.aggregated, title=f"{result.probe.name} · {report.method} · step {report.step}")
+def result_image(result: ProbeResult, report: MonitorReport) -> np.ndarray:
+    """The heatmap as ``[H, W, 3]`` uint8 pixels, drawn once per report and shared by the sinks."""
+    key = ("image", result.probe.name)
+    if key not in report.cache:
+        figure = attribution_figure(result.aggregated,
+                                    title=f"{result.probe.name} · {report.method} · step {report.step}")
+        try:
+            report.cache[key] = figure_to_rgb(figure)
+        finally:
+            plt.close(figure)  # figures never closed are the classic leak of tracker callbacks
+    return report.cache[key]
 
 
 def table_row(result: ProbeResult, report: MonitorReport, score_names, ) -> list:

@@ -1,12 +1,11 @@
 """TensorBoard: scalars, a Markdown table and a heatmap per probe, and the HTML for the plugin tab."""
 
 import json
-import matplotlib.pyplot as plt
 from pathlib import Path
 
 from ..monitor.report import MonitorReport
 from .base import Sink
-from .render import markdown_table, result_figure, result_html
+from .render import markdown_table, result_html, result_image
 
 PLUGIN_NAME = "inseq_lightning"
 
@@ -58,11 +57,7 @@ class TensorBoardSink(Sink):
             if self.log_text:
                 self.writer.add_text(f"{base}/table", markdown_table(result, step), step)
             if self.log_figures:
-                figure = result_figure(result, report)
-                try:
-                    self.writer.add_figure(f"{base}/heatmap", figure, step, close=True)
-                finally:
-                    plt.close(figure)
+                self.writer.add_image(f"{base}/heatmap", result_image(result, report), step, dataformats="HWC")
             if self.log_html:
                 pages[result.probe.name] = result_html(result, report)
         if pages:

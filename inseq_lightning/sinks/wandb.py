@@ -4,11 +4,9 @@ Everything goes through one ``run.log`` call per pass with the key ``trainer/glo
 (never ``step=``: W&B drops non-monotonic steps, and the trainer owns the step counter).
 """
 
-import matplotlib.pyplot as plt
-
 from ..monitor.report import MonitorReport
 from .base import Sink
-from .render import result_figure, result_html, table_columns, table_row
+from .render import result_html, result_image, table_columns, table_row
 
 
 class WandbSink(Sink):
@@ -33,25 +31,18 @@ class WandbSink(Sink):
         import wandb
 
         entry: dict = dict(report.scalars())
-        figures = []
-        try:
+        for result in report.results:
+            base = f"{report.prefix}/{result.probe.name}"
+            if self.log_html:
+                entry[f"{base}/html"] = wandb.Html(result_html(result, report), inject=False, data_is_not_path=True)
+            if self.log_figures:
+                entry[f"{base}/heatmap"] = wandb.Image(result_image(result, report))
+        if self.log_table and report.results:
+            if self._table is None:
+                self._score_names = sorted(report.results[0].step_scores)
+                self._table = wandb.Table(columns=table_columns(self._score_names), log_mode="INCREMENTAL")
             for result in report.results:
-                base = f"{report.prefix}/{result.probe.name}"
-                if self.log_html:
-                    entry[f"{base}/html"] = wandb.Html(result_html(result, report), inject=False, data_is_not_path=True)
-                if self.log_figures:
-                    figure = result_figure(result, report)
-                    figures.append(figure)
-                    entry[f"{base}/heatmap"] = wandb.Image(figure)
-            if self.log_table and report.results:
-                if self._table is None:
-                    self._score_names = sorted(report.results[0].step_scores)
-                    self._table = wandb.Table(columns=table_columns(self._score_names), log_mode="INCREMENTAL")
-                for result in report.results:
-                    self._table.add_data(*table_row(result, report, self._score_names))
-                entry[f"{report.prefix}/table"] = self._table
-            entry[self.step_key] = report.step
-            self.run.log(entry)
-        finally:
-            for figure in figures:
-                plt.close(figure)
+                self._table.add_data(*table_row(result, report, self._score_names))
+            entry[f"{report.prefix}/table"] = self._table
+        entry[self.step_key] = report.step
+        self.run.log(entry)

@@ -12,6 +12,10 @@ from ..data.outputs import FeatureAttributionSequenceOutput  # noqa: E402
 from .colors import score_range  # noqa: E402
 from .layout import build_grid  # noqa: E402
 
+# Cell values are written into small heatmaps only: each label is a matplotlib artist, and a
+# 35 x 5 map spends most of its drawing time on them (trackers show the colours anyway).
+ANNOTATE_MAX_CELLS = 100
+
 
 def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None):
     """A heatmap figure (rows: source/prefix tokens, columns: generated tokens); the caller closes it."""
@@ -29,11 +33,22 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
                   rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(grid.row_labels)), [r.replace("Ġ", " ").replace("▁", " ") for r in grid.row_labels], fontsize=8)
     for (r, c), v in np.ndenumerate(data):
-        if not math.isnan(v) and data.shape[0] * data.shape[1] <= 400:
+        if not math.isnan(v) and data.shape[0] * data.shape[1] <= ANNOTATE_MAX_CELLS:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xlabel("generated tokens")
     fig.colorbar(image, ax=ax, fraction=0.04)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    # Margins from the label lengths: tight_layout measures every tick label and costs ~0.3 s.
+    row_chars = max((len(r) for r in grid.row_labels), default=1)
+    col_chars = max((len(c) for c in grid.column_labels), default=1)
+    fig.subplots_adjust(left=min(0.45, (0.3 + 0.07 * row_chars) / width),
+                        bottom=min(0.45, (0.6 + 0.06 * col_chars) / height),
+                        top=1 - 0.5 / height, right=0.95)
     return fig
+
+
+def figure_to_rgb(fig) -> np.ndarray:
+    """``[H, W, 3]`` uint8 pixels of a figure, drawn once and shared by every tracker."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

