@@ -11,6 +11,7 @@ import numpy as np
 from ..viz.figure import attribution_figure, figure_to_rgb
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid
+from ..viz.tokens import display_token
 
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|<>"
 TOP_K = 3
@@ -22,7 +23,7 @@ def markdown_token(token: str) -> str:
     TensorBoard's text plugin renders Markdown and sanitises the HTML; escaping keeps a token like
     ``<script>`` or ``|`` as text and keeps the table intact.
     """
-    text = token.replace("Ġ", "␣").replace("▁", "␣").replace("\n", "⏎").replace("Ċ", "⏎") or "∅"
+    text = display_token(token).replace(" ", "␣") or "∅"
     out = []
     for ch in text:
         if ch in "<>&":

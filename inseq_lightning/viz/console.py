@@ -9,11 +9,12 @@ from rich.text import Text
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import rgb, score_range, text_color
 from .layout import build_grid
+from .tokens import display_token
 
 
 def _clean(token: str) -> str:
     """Show byte-level/SentencePiece space markers as spaces."""
-    return token.replace("Ġ", " ").replace("▁", " ")
+    return display_token(token)
 
 
 def sequence_table(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None) -> Table:

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 from ..data.outputs import FeatureAttributionSequenceOutput  # noqa: E402
 from .colors import score_range  # noqa: E402
 from .layout import build_grid  # noqa: E402
+from .tokens import display_token  # noqa: E402
 
 # Cell values are written into small heatmaps only: each label is a matplotlib artist, and a
 # 35 x 5 map spends most of its drawing time on them (trackers show the colours anyway).
@@ -29,22 +30,23 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
     fig, ax = plt.subplots(figsize=(width, height))
     image = ax.imshow(np.ma.masked_invalid(data), cmap="bwr" if signed else "Reds", aspect="auto",
                       vmin=-bound if signed else lo, vmax=bound if signed else hi)
-    ax.set_xticks(range(len(grid.column_labels)), [c.replace("Ġ", " ").replace("▁", " ") for c in grid.column_labels],
-                  rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(grid.row_labels)), [r.replace("Ġ", " ").replace("▁", " ") for r in grid.row_labels], fontsize=8)
+    ax.set_xticks(range(len(grid.column_labels)), [display_token(c) for c in grid.column_labels], rotation=60, ha="right",
+                  fontsize=8)
+    ax.set_yticks(range(len(grid.row_labels)), [display_token(r) for r in grid.row_labels], fontsize=8)
     for (r, c), v in np.ndenumerate(data):
         if not math.isnan(v) and data.shape[0] * data.shape[1] <= ANNOTATE_MAX_CELLS:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xlabel("generated tokens")
-    fig.colorbar(image, ax=ax, fraction=0.04)
     if title:
         ax.set_title(title, fontsize=10)
-    # Margins from the label lengths: tight_layout measures every tick label and costs ~0.3 s.
-    row_chars = max((len(r) for r in grid.row_labels), default=1)
-    col_chars = max((len(c) for c in grid.column_labels), default=1)
+    # Margins from the label lengths (tight_layout measures every tick label and costs ~0.3 s);
+    # set before the colorbar, which takes its room from the axes as they are then.
+    row_chars = max((len(display_token(r)) for r in grid.row_labels), default=1)
+    col_chars = max((len(display_token(c)) for c in grid.column_labels), default=1)
     fig.subplots_adjust(left=min(0.45, (0.3 + 0.07 * row_chars) / width),
-                        bottom=min(0.45, (0.6 + 0.06 * col_chars) / height),
-                        top=1 - 0.5 / height, right=0.95)
+                        bottom=min(0.45, (0.7 + 0.06 * col_chars) / height),
+                        top=1 - 0.5 / height, right=1 - 0.8 / width)
+    fig.colorbar(image, ax=ax, fraction=0.06, pad=0.04)
     return fig
 
 

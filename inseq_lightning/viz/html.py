@@ -6,12 +6,13 @@ import math
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import rgb, score_range, text_color
 from .layout import build_grid
+from .tokens import display_token
 
 _CELL = "padding:2px 6px;border:1px solid #ddd;text-align:center;font-family:monospace;font-size:12px"
 
 
 def _token(text: str) -> str:
-    return html.escape(text.replace("Ġ", " ").replace("▁", " "), quote=True) or "&nbsp;"
+    return html.escape(display_token(text), quote=True) or "&nbsp;"
 
 
 def sequence_html(seq: FeatureAttributionSequenceOutput, min_val: float | None = None, max_val: float | None = None) -> str:
