@@ -158,13 +158,13 @@ class AttributionMonitor(Callback):
         step = trainer.global_step
         if self.monitor.already_logged(step, stage):
             return
-        if not trainer.is_global_zero:
-            # Under DDP each rank holds the full model; rank zero attributes and logs alone.
-            return
+        # Every rank takes part (probes split or run in lockstep, see monitor.distributed); only
+        # rank zero has sinks and gets a report back.
         started = time.perf_counter()
         report = self.monitor.run(self.model, self.tokenizer, step, trainer.current_epoch, stage, self.sinks)
         self.seconds_spent += time.perf_counter() - started
-        self.reports = (self.reports + [report])[-20:]
+        if report is not None:
+            self.reports = (self.reports + [report])[-20:]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_seen_step = trainer.global_step

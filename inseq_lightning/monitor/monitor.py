@@ -18,6 +18,7 @@ from ..attr.step_functions import get_step_function
 from ..data.outputs import FeatureAttributionOutput
 from ..errors import InseqLightningError
 from ..models.attribution_model import AttributionModel
+from .distributed import all_gather_objects, has_sharded_parameters, my_share, rank_and_world
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import evidence_rows
 from .guards import attribution_guard
@@ -140,10 +141,32 @@ class ProbeMonitor:
         return outputs, skipped
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
-            stage: str = "fit", sinks: Sequence = ()) -> MonitorReport:
-        """One monitoring pass: attribute, measure drift against the history, publish to ``sinks``."""
+            stage: str = "fit", sinks: Sequence = ()) -> MonitorReport | None:
+        """One monitoring pass: attribute, measure drift against the history, publish to ``sinks``.
+
+        Call it on every rank of a distributed job (see :mod:`.distributed`): replicated models
+        split the probes across ranks, sharded ones attribute all probes on every rank in lockstep;
+        rank zero gathers, keeps the drift history, publishes and returns the report; other ranks
+        return None.
+        """
         started = time.perf_counter()
-        outputs, skipped = self.attribute_probes(model, tokenizer)
+        rank, world = rank_and_world()
+        if world == 1:
+            outputs, skipped = self.attribute_probes(model, tokenizer)
+        elif has_sharded_parameters(model):
+            outputs, skipped = self.attribute_probes(model, tokenizer)
+            if rank != 0:
+                self.history.last_step[stage] = step  # every rank agrees on what was logged
+                return None
+        else:
+            share = [self.probes[i] for i in my_share(len(self.probes), rank, world)]
+            mine = self.attribute_probes(model, tokenizer, share) if share else ({}, {})
+            gathered = all_gather_objects(_to_cpu(mine))
+            if rank != 0:
+                self.history.last_step[stage] = step
+                return None
+            outputs = {name: out for part, _ in gathered for name, out in part.items()}
+            skipped = {name: why for _, part in gathered for name, why in part.items()}
         report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started, tokenizer)
         self.publish(report, sinks)
         return report
@@ -200,6 +223,21 @@ class ProbeMonitor:
                 sink.log_report(report)
             except Exception as error:  # noqa: BLE001 - a sink must not kill training
                 self._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed", error)
+
+
+def _to_cpu(result: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Outputs moved to CPU before pickling them across ranks (NCCL cannot gather CUDA pickles)."""
+    outputs, skipped = result
+    moved = {}
+    for name, out in outputs.items():
+        for seq in out.sequence_attributions:
+            for attr in ("source_attributions", "target_attributions"):
+                value = getattr(seq, attr)
+                if value is not None:
+                    setattr(seq, attr, value.detach().cpu())
+            seq.step_scores = {k: v.detach().cpu() for k, v in seq.step_scores.items()}
+        moved[name] = out
+    return moved, skipped
 
 
 def _changes(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:

@@ -157,11 +157,22 @@ class ProbeSet:
         """A ``datasets.Dataset`` (or any iterable of dict rows) with prompt/target/evidence columns."""
         return cls.from_records(list(dataset), **kwargs)
 
+    def to_state(self) -> dict:
+        """A JSON-able description that :meth:`coerce` turns back into this probe set."""
+        return {"probes": [{"prompt": p.prompt, "target": p.target, "name": p.name,
+                            "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence]}
+                           for p in self.probes],
+                "generate": self.generate, "generation_args": dict(self.generation_args)}
+
     @classmethod
-    def coerce(cls, probes: "ProbeSet | Sequence | str | Path") -> "ProbeSet":
-        """Accept a ProbeSet, a path, a list of ``(prompt, target)`` pairs, dicts or :class:`Probe`."""
+    def coerce(cls, probes: "ProbeSet | Sequence | Mapping | str | Path") -> "ProbeSet":
+        """Accept a ProbeSet, its :meth:`to_state`, a path, or a list of ``(prompt, target)`` pairs, dicts
+        or :class:`Probe`."""
         if isinstance(probes, ProbeSet):
             return probes
+        if isinstance(probes, Mapping) and "probes" in probes:
+            return cls.from_records(probes["probes"], generate=bool(probes.get("generate", False)),
+                                    generation_args=dict(probes.get("generation_args") or {"max_new_tokens": 10}))
         if isinstance(probes, (str, Path)):
             return cls.from_file(probes)
         items = list(probes)
