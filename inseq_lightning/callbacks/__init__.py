@@ -1,6 +1,6 @@
 """Training-framework adapters onto the monitor. Each imports its framework only when asked for."""
 
-__all__ = ["AttributionMonitor"]
+__all__ = ["AttributionMonitor", "AttributionCallback"]
 
 
 def __getattr__(name):
@@ -8,4 +8,8 @@ def __getattr__(name):
         from .lightning import AttributionMonitor
 
         return AttributionMonitor
+    if name == "AttributionCallback":
+        from .hf import AttributionCallback
+
+        return AttributionCallback
     raise AttributeError(name)

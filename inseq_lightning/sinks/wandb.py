@@ -26,10 +26,14 @@ class WandbSink(Sink):
         self.log_html, self.log_figures, self.log_table = log_html, log_figures, log_table
         self._table = None
         self._score_names: list[str] | None = None
+        self._defined: set[str] = set()
 
     def log_report(self, report: MonitorReport) -> None:
         import wandb
 
+        if report.prefix not in self._defined:  # plot our keys against the trainer's step
+            self._defined.add(report.prefix)
+            self.run.define_metric(f"{report.prefix}/*", step_metric=self.step_key)
         entry: dict = dict(report.scalars())
         for result in report.results:
             base = f"{report.prefix}/{result.probe.name}"

@@ -1,0 +1,236 @@
+"""``AttributionCallback``: the Hugging Face ``TrainerCallback``, a thin adapter onto :class:`ProbeMonitor`.
+
+Same probes, methods, step scores, drift and sinks as the Lightning callback, with HF-style
+arguments. The default ``attribution_strategy="eval"`` attributes right after each evaluation,
+so the attributions describe exactly the weights the next checkpoint stores (``on_evaluate``
+runs before ``on_save``).
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..monitor import ProbeMonitor
+from ..monitor.probes import ProbeSet
+from ..monitor.report import MonitorReport
+from ..sinks import FileSink, Sink, TensorBoardSink
+
+STRATEGIES = ("steps", "epoch", "eval", "no")
+
+
+class AttributionCallback(TrainerCallback, ExportableState):
+    r"""Attribute a fixed probe set on the live model during ``Trainer.train`` and log it.
+
+    Args:
+        probes: a :class:`~inseq_lightning.monitor.ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of
+            ``(prompt, target[, evidence])`` tuples, dicts or ``Probe`` objects.
+        method, step_scores, method_kwargs, batch_size, strict, prefix: as for
+            :class:`~inseq_lightning.monitor.ProbeMonitor`.
+        attribution_strategy: ``"eval"`` (default: right after each evaluation), ``"steps"`` (every
+            ``attribution_steps`` optimizer steps), ``"epoch"`` or ``"no"``.
+        attribution_steps: the cadence of ``"steps"``.
+        attribute_on_train_begin: attribute once before the first step: the drift reference.
+        trainer: the ``Trainer``. Needed to share the TensorBoard writer of its ``TensorBoardCallback``
+            (so attributions land in the same run) and for wrapped models (FSDP, DeepSpeed); see
+            :meth:`attach`.
+        tokenizer: default: the event's ``processing_class``.
+        tb_writer: a ``SummaryWriter`` to log into (default: the trainer's, else one in
+            ``$TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/attributions``).
+        log_text, log_figures, log_html, log_table: what to log besides scalars.
+        save_files: also write HTML, JSON and a drift CSV under ``<output_dir>/attributions``;
+            None: only when neither TensorBoard nor W&B is in ``report_to``.
+        sinks: extra :class:`~inseq_lightning.sinks.Sink` objects.
+
+    Resume with ``TrainingArguments(restore_callback_states_from_checkpoint=True)``: the trainer
+    rebuilds the callback from :meth:`state` (JSON), which keeps the drift history; live objects
+    (trainer, tokenizer, writer, sinks) are taken over from the callback it replaces.
+    """
+
+    # Live objects of the callbacks in this process, by prefix: a callback rebuilt from JSON by
+    # restore_callback_states_from_checkpoint takes them over from the one it replaces.
+    _live: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(
+        self,
+        probes,
+        method: str = "saliency",
+        step_scores: Sequence[str] = ("probability",),
+        attribution_strategy: str = "eval",
+        attribution_steps: int | None = None,
+        attribute_on_train_begin: bool = True,
+        method_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 8,
+        strict: bool = False,
+        prefix: str | None = None,
+        log_text: bool = True,
+        log_figures: bool = True,
+        log_html: bool = True,
+        log_table: bool = True,
+        save_files: bool | None = None,
+        trainer=None,
+        tokenizer=None,
+        tb_writer=None,
+        sinks: Sequence[Sink] = (),
+    ):
+        if attribution_strategy not in STRATEGIES:
+            raise ValueError(f"attribution_strategy must be one of {STRATEGIES}, got {attribution_strategy!r}")
+        if attribution_strategy == "steps" and (not isinstance(attribution_steps, int) or attribution_steps < 1):
+            raise ValueError(f"attribution_strategy='steps' needs attribution_steps >= 1, got {attribution_steps!r}")
+        probe_set = ProbeSet.coerce(probes)
+        self.monitor = ProbeMonitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix)
+        self.attribution_strategy = attribution_strategy
+        self.attribution_steps = attribution_steps
+        self.attribute_on_train_begin = attribute_on_train_begin
+        self.log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
+                            "log_table": log_table}
+        self.save_files = save_files
+        self._args = {"probes": probe_set.to_state(), "method": method, "step_scores": list(step_scores),
+                      "attribution_strategy": attribution_strategy, "attribution_steps": attribution_steps,
+                      "attribute_on_train_begin": attribute_on_train_begin, "method_kwargs": dict(method_kwargs or {}),
+                      "batch_size": batch_size, "strict": strict, "prefix": prefix, "save_files": save_files,
+                      **self.log_options}
+        live = {"trainer": trainer, "tokenizer": tokenizer, "tb_writer": tb_writer, "sinks": list(sinks)}
+        if any(v for v in live.values()):
+            AttributionCallback._live[self.monitor.prefix] = live
+        else:  # rebuilt from a checkpoint's JSON: take over what the replaced callback had
+            live = AttributionCallback._live.get(self.monitor.prefix, live)
+        self.trainer, self._tokenizer, self._tb_writer = live["trainer"], live["tokenizer"], live["tb_writer"]
+        self.extra_sinks = list(live["sinks"])
+        self.sinks: list[Sink] = []
+        self.reports: list[MonitorReport] = []
+        self.checkpoints: dict[str, str] = {}  # logged step -> the checkpoint that stores those weights
+        self._since_save: list[int] = []
+        self.seconds_spent = 0.0
+        self._in_training = False
+
+    @classmethod
+    def attach(cls, trainer, probes, **kwargs) -> "AttributionCallback":
+        """Build the callback with ``trainer=trainer`` and add it to the trainer."""
+        callback = cls(probes, trainer=trainer, **kwargs)
+        trainer.add_callback(callback)
+        return callback
+
+    # ---- state (ExportableState): JSON only -----------------------------------------------------
+    def state(self) -> dict:
+        return {"args": self._args,
+                "attributes": {"history_state": self.monitor.state_dict(), "checkpoints": dict(self.checkpoints)}}
+
+    @property
+    def history_state(self) -> dict:
+        return self.monitor.state_dict()
+
+    @history_state.setter
+    def history_state(self, value: dict) -> None:  # called by restore_callback_states_from_checkpoint
+        self.monitor.load_state_dict(value)
+
+    @property
+    def history(self):
+        return self.monitor.history
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _model(self, kwargs):
+        if self.trainer is not None:
+            return self.trainer.model
+        model = kwargs.get("model")
+        if model is None:
+            raise ValueError("AttributionCallback got no model from the Trainer; pass trainer= (see attach())")
+        return model
+
+    def _tokenizer_from(self, kwargs):
+        tokenizer = self._tokenizer or kwargs.get("processing_class")
+        if tokenizer is None and self.trainer is not None:
+            tokenizer = getattr(self.trainer, "processing_class", None)
+        if tokenizer is None:
+            raise ValueError("AttributionCallback needs the tokenizer: pass processing_class= to the Trainer or "
+                             "tokenizer= to the callback")
+        return tokenizer
+
+    def _build_sinks(self, args) -> list[Sink]:
+        sinks: list[Sink] = []
+        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+        writer = self._tb_writer or self._trainer_tb_writer()
+        if writer is None and "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "attributions")
+            writer = SummaryWriter(log_dir=log_dir)
+        if writer is not None:
+            sinks.append(TensorBoardSink(writer, None, self.log_options["log_text"], self.log_options["log_figures"],
+                                         self.log_options["log_html"]))
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:  # WandbCallback opened it in its on_train_begin, before ours
+                from ..sinks.wandb import WandbSink
+
+                sinks.append(WandbSink(wandb.run, "train/global_step", self.log_options["log_html"],
+                                       self.log_options["log_figures"], self.log_options["log_table"]))
+        save_files = self.save_files if self.save_files is not None else not sinks
+        if save_files:
+            sinks.append(FileSink(Path(args.output_dir) / "attributions" / self.monitor.prefix.replace("/", "_")))
+        return sinks + self.extra_sinks
+
+    def _trainer_tb_writer(self):
+        if self.trainer is None:
+            return None
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                return callback.tb_writer
+        return None
+
+    # ---- the pass -----------------------------------------------------------------------------
+    def _run(self, args, state, kwargs, stage: str = "fit") -> None:
+        step = state.global_step
+        if self.monitor.already_logged(step, stage):
+            return
+        started = time.perf_counter()
+        epoch = int(state.epoch) if state.epoch is not None else None
+        report = self.monitor.run(self._model(kwargs), self._tokenizer_from(kwargs), step, epoch, stage, self.sinks)
+        self.seconds_spent += time.perf_counter() - started
+        if stage == "fit":
+            self._since_save.append(step)
+        if report is not None:
+            self.reports = (self.reports + [report])[-20:]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._in_training = True
+        # Directories and sinks are resolved on every rank; only the world's process zero writes.
+        sinks = self._build_sinks(args) if state.is_world_process_zero else []
+        self.sinks = sinks
+        if self.attribute_on_train_begin:
+            self._run(args, state, kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # on_step_end fires after the optimizer step: only at gradient-accumulation boundaries.
+        if self.attribution_strategy == "steps" and state.global_step % self.attribution_steps == 0:
+            self._run(args, state, kwargs)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.attribution_strategy == "epoch":
+            self._run(args, state, kwargs)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.attribution_strategy == "eval" or not self._in_training:
+            self._run(args, state, kwargs, "fit" if self._in_training else "validate")
+
+    def on_save(self, args, state, control, **kwargs):
+        # on_save comes after on_evaluate: the steps logged since the last save are in this checkpoint's
+        # lineage; the step equal to global_step holds exactly the weights it stores.
+        for step in self._since_save:
+            self.checkpoints[str(step)] = f"checkpoint-{state.global_step}"
+        self._since_save = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._in_training = False
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as error:  # noqa: BLE001 - never fail the run while closing
+                self.monitor._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed to close", error)
