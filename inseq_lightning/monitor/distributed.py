@@ -12,7 +12,9 @@ Two protocols, chosen from the model itself:
   logs. This costs no more wall time than one process; it never waits on a missing collective.
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,3 +52,24 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+@contextlib.contextmanager
+def root_parameters_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2 the root module's own parameters (embeddings, final norm, tied head) stay sharded
+    between forwards, but attribution embeds the ids itself, before the model's forward. Gather
+    the root's parameters for the pass (every rank does, so it is a collective in lockstep) and
+    shard them again after. Submodules keep gathering in their own hooks, as in training;
+    nothing like ``summon_full_params`` materialises the whole model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        FSDPModule = ()  # noqa: N806
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

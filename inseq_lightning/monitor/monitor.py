@@ -18,7 +18,7 @@ from ..attr.step_functions import get_step_function
 from ..data.outputs import FeatureAttributionOutput
 from ..errors import InseqLightningError
 from ..models.attribution_model import AttributionModel
-from .distributed import all_gather_objects, has_sharded_parameters, my_share, rank_and_world
+from .distributed import all_gather_objects, has_sharded_parameters, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import evidence_rows
 from .guards import attribution_guard
@@ -121,7 +121,7 @@ class ProbeMonitor:
         probes = list(self.probes) if probes is None else probes
         outputs: dict[str, FeatureAttributionOutput] = {}
         skipped: dict[str, str] = {}
-        with attribution_guard(model):
+        with attribution_guard(model), root_parameters_gathered(model):
             wrapper = self._wrapper(model, tokenizer)
             for start in range(0, len(probes), self.batch_size):
                 chunk = probes[start : start + self.batch_size]

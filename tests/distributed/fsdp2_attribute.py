@@ -1,0 +1,39 @@
+"""Run under ``torchrun --nproc_per_node 2``: attribute the probes on a model sharded with torch's FSDP2
+(``fully_shard``, gloo on CPU). Every rank runs the same passes (the monitor's lockstep protocol for
+sharded parameters); rank zero writes the attributions to ``<out>``."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+from inseq_lightning.demo.task import make_probes  # noqa: E402
+from inseq_lightning.monitor import ProbeMonitor  # noqa: E402
+from inseq_lightning.monitor.distributed import has_sharded_parameters  # noqa: E402
+from inseq_lightning.sinks import FileSink  # noqa: E402
+from inseq_lightning.tiny_models import tiny_gpt2  # noqa: E402
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+model, tok = tiny_gpt2()
+for block in model.transformer.h:
+    fully_shard(block)
+fully_shard(model)
+assert has_sharded_parameters(model)
+monitor = ProbeMonitor(make_probes(3), step_scores=("probability",))
+reports = []
+for step in (0, 1):
+    report = monitor.run(model, tok, step, sinks=[FileSink(out)] if dist.get_rank() == 0 else [])
+    reports.append(None if report is None else [r.probe.name for r in report.results])
+if dist.get_rank() == 0:
+    (out / "reports.json").write_text(json.dumps({"reports": reports, "world_size": dist.get_world_size()}))
+else:
+    assert reports == [None, None]
+dist.barrier()
+dist.destroy_process_group()
