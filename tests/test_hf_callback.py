@@ -41,10 +41,11 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_PROJECT", "tests")
-    yield tmp_path
     import wandb
 
+    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once per process: start a fresh session
+    monkeypatch.setenv("WANDB_PROJECT", "tests")
+    yield tmp_path
     wandb.finish()
 
 
