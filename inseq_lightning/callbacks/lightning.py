@@ -124,6 +124,8 @@ class AttributionMonitor(Callback):
             model = getattr(pl_module, "model", None)
             if not isinstance(model, PreTrainedModel) and isinstance(pl_module, PreTrainedModel):
                 model = pl_module
+        while model is not None and not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
+            model = model.module  # DDP / FSDP1 wrappers keep the wrapped model in .module
         if not isinstance(model, PreTrainedModel):
             raise MisconfigurationException(
                 "AttributionMonitor could not find the Hugging Face model: keep it in `self.model` of your "
