@@ -46,3 +46,17 @@ def texts(family):
 def attribution_model(hf_pair):
     model, tok = hf_pair
     return il.load_model(model, "saliency", tokenizer=tok)
+
+
+@pytest.fixture()
+def wandb_offline(tmp_path, monkeypatch):
+    """A W&B offline session writing under ``tmp_path/wandb`` (read back with tests/wandb_reader.py)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "tests")
+    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once per process: start a fresh session
+    yield tmp_path
+    wandb.finish()

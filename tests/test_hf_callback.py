@@ -36,19 +36,6 @@ def _trainer(hf_models, out, callbacks=(), report_to="none", max_steps=4, resume
                    callbacks=list(callbacks))
 
 
-@pytest.fixture()
-def wandb_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
-    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once per process: start a fresh session
-    monkeypatch.setenv("WANDB_PROJECT", "tests")
-    yield tmp_path
-    wandb.finish()
-
-
 def test_attributions_share_the_trainers_tensorboard_run_and_wandb_run(hf_models, tmp_path, wandb_offline):
     import wandb
 

@@ -44,18 +44,6 @@ def _trainer(tmp_path, callbacks=(), logger=False, max_steps=6, accumulate=1, **
                       limit_val_batches=kwargs.pop("limit_val_batches", 0), deterministic=True, **kwargs)
 
 
-@pytest.fixture()
-def wandb_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
-    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once per process: start a fresh session
-    yield tmp_path
-    wandb.finish()
-
-
 def test_tensorboard_and_wandb_hold_every_logging_step(hf_models, tmp_path, wandb_offline):
     import wandb
 

@@ -7,23 +7,20 @@ runs before ``on_save``).
 """
 
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..monitor import ProbeMonitor
 from ..monitor.probes import ProbeSet
-from ..monitor.report import MonitorReport
-from ..sinks import FileSink, Sink, TensorBoardSink
+from ..sinks import Sink
+from .common import MonitorCallbackBase
 
 STRATEGIES = ("steps", "epoch", "eval", "no")
 
 
-class AttributionCallback(TrainerCallback, ExportableState):
+class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState):
     r"""Attribute a fixed probe set on the live model during ``Trainer.train`` and log it.
 
     Args:
@@ -82,13 +79,12 @@ class AttributionCallback(TrainerCallback, ExportableState):
         if attribution_strategy == "steps" and (not isinstance(attribution_steps, int) or attribution_steps < 1):
             raise ValueError(f"attribution_strategy='steps' needs attribution_steps >= 1, got {attribution_steps!r}")
         probe_set = ProbeSet.coerce(probes)
-        self.monitor = ProbeMonitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix)
+        log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html, "log_table": log_table}
+        self._init_monitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix, log_options,
+                           save_files, ())
         self.attribution_strategy = attribution_strategy
         self.attribution_steps = attribution_steps
         self.attribute_on_train_begin = attribute_on_train_begin
-        self.log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
-                            "log_table": log_table}
-        self.save_files = save_files
         self._args = {"probes": probe_set.to_state(), "method": method, "step_scores": list(step_scores),
                       "attribution_strategy": attribution_strategy, "attribution_steps": attribution_steps,
                       "attribute_on_train_begin": attribute_on_train_begin, "method_kwargs": dict(method_kwargs or {}),
@@ -101,11 +97,8 @@ class AttributionCallback(TrainerCallback, ExportableState):
             live = AttributionCallback._live.get(self.monitor.prefix, live)
         self.trainer, self._tokenizer, self._tb_writer = live["trainer"], live["tokenizer"], live["tb_writer"]
         self.extra_sinks = list(live["sinks"])
-        self.sinks: list[Sink] = []
-        self.reports: list[MonitorReport] = []
         self.checkpoints: dict[str, str] = {}  # logged step -> the checkpoint that stores those weights
         self._since_save: list[int] = []
-        self.seconds_spent = 0.0
         self._in_training = False
 
     @classmethod
@@ -128,10 +121,6 @@ class AttributionCallback(TrainerCallback, ExportableState):
     def history_state(self, value: dict) -> None:  # called by restore_callback_states_from_checkpoint
         self.monitor.load_state_dict(value)
 
-    @property
-    def history(self):
-        return self.monitor.history
-
     # ---- set-up -------------------------------------------------------------------------------
     def _model(self, kwargs):
         if self.trainer is not None:
@@ -151,7 +140,6 @@ class AttributionCallback(TrainerCallback, ExportableState):
         return tokenizer
 
     def _build_sinks(self, args) -> list[Sink]:
-        sinks: list[Sink] = []
         report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
         writer = self._tb_writer or self._trainer_tb_writer()
         if writer is None and "tensorboard" in report_to:
@@ -159,21 +147,13 @@ class AttributionCallback(TrainerCallback, ExportableState):
 
             log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "attributions")
             writer = SummaryWriter(log_dir=log_dir)
-        if writer is not None:
-            sinks.append(TensorBoardSink(writer, None, self.log_options["log_text"], self.log_options["log_figures"],
-                                         self.log_options["log_html"]))
+        wandb_run = None
         if "wandb" in report_to:
             import wandb
 
-            if wandb.run is not None:  # WandbCallback opened it in its on_train_begin, before ours
-                from ..sinks.wandb import WandbSink
-
-                sinks.append(WandbSink(wandb.run, "train/global_step", self.log_options["log_html"],
-                                       self.log_options["log_figures"], self.log_options["log_table"]))
-        save_files = self.save_files if self.save_files is not None else not sinks
-        if save_files:
-            sinks.append(FileSink(Path(args.output_dir) / "attributions" / self.monitor.prefix.replace("/", "_")))
-        return sinks + self.extra_sinks
+            wandb_run = wandb.run  # WandbCallback opened it in its on_train_begin, before ours
+        return self._standard_sinks(tb_writer=writer, wandb_run=wandb_run, step_key="train/global_step",
+                                    files_root=args.output_dir)
 
     def _trainer_tb_writer(self):
         if self.trainer is None:
@@ -187,17 +167,10 @@ class AttributionCallback(TrainerCallback, ExportableState):
 
     # ---- the pass -----------------------------------------------------------------------------
     def _run(self, args, state, kwargs, stage: str = "fit") -> None:
-        step = state.global_step
-        if self.monitor.already_logged(step, stage):
-            return
-        started = time.perf_counter()
         epoch = int(state.epoch) if state.epoch is not None else None
-        report = self.monitor.run(self._model(kwargs), self._tokenizer_from(kwargs), step, epoch, stage, self.sinks)
-        self.seconds_spent += time.perf_counter() - started
-        if stage == "fit":
-            self._since_save.append(step)
-        if report is not None:
-            self.reports = (self.reports + [report])[-20:]
+        if stage == "fit" and not self.monitor.already_logged(state.global_step, stage):
+            self._since_save.append(state.global_step)
+        self._attribute(self._model(kwargs), self._tokenizer_from(kwargs), state.global_step, epoch, stage)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._in_training = True
@@ -229,8 +202,4 @@ class AttributionCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._in_training = False
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as error:  # noqa: BLE001 - never fail the run while closing
-                self.monitor._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed to close", error)
+        self._close_sinks()

@@ -5,9 +5,7 @@ where results go (sinks found from ``trainer.loggers``) and what a checkpoint ke
 history). Everything else lives in :mod:`inseq_lightning.monitor`.
 """
 
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -16,12 +14,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import PreTrainedModel
 
-from ..monitor import ProbeMonitor
-from ..monitor.report import MonitorReport
-from ..sinks import FileSink, Sink, TensorBoardSink
+from ..sinks import Sink
+from .common import MonitorCallbackBase
 
 
-class AttributionMonitor(Callback):
+class AttributionMonitor(MonitorCallbackBase, Callback):
     r"""Attribute a fixed probe set on the live model during training and log it to the run's trackers.
 
     Args:
@@ -86,7 +83,9 @@ class AttributionMonitor(Callback):
                 raise MisconfigurationException(f"AttributionMonitor: {name} must be a positive integer, got {value!r}")
         if every_n_train_steps is None and every_n_epochs is None:
             every_n_epochs = 1
-        self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix)
+        self._init_monitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
+                           {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
+                            "log_table": log_table}, save_files, sinks)
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.attribute_on_fit_start = attribute_on_fit_start
@@ -94,14 +93,7 @@ class AttributionMonitor(Callback):
         self.attribute_on_test = attribute_on_test
         self._model_ref = model
         self._tokenizer = tokenizer
-        self.log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
-                            "log_table": log_table}
-        self.save_files = save_files
-        self.extra_sinks = list(sinks)
-        self.sinks: list[Sink] = []
-        self.reports: list[MonitorReport] = []  # this process's reports, newest last (kept small)
         self._last_seen_step: int | None = None
-        self.seconds_spent = 0.0  # wall time inside the monitor (attribution + sinks), this process
 
     @property
     def state_key(self) -> str:
@@ -139,34 +131,20 @@ class AttributionMonitor(Callback):
         self.model, self.tokenizer = model, tokenizer
 
     def _build_sinks(self, trainer: Trainer, log_dir: str) -> list[Sink]:
-        sinks: list[Sink] = []
-        for lg in trainer.loggers:
-            if isinstance(lg, TensorBoardLogger):
-                sinks.append(TensorBoardSink(lg.experiment, lg.log_dir, self.log_options["log_text"],
-                                             self.log_options["log_figures"], self.log_options["log_html"]))
-            elif isinstance(lg, WandbLogger):
-                from ..sinks.wandb import WandbSink
-
-                sinks.append(WandbSink(lg.experiment, "trainer/global_step", self.log_options["log_html"],
-                                       self.log_options["log_figures"], self.log_options["log_table"]))
-        save_files = self.save_files if self.save_files is not None else not sinks
-        if save_files:
-            roots = [lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-            sinks.append(FileSink(Path(roots[0] if roots else log_dir) / "attributions" / _folder(self.monitor.prefix)))
-        return sinks
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        csv_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+        return self._standard_sinks(
+            tb_writer=tensorboard.experiment if tensorboard else None,
+            tb_log_dir=tensorboard.log_dir if tensorboard else None,
+            wandb_run=wandb_logger.experiment if wandb_logger else None,
+            step_key="trainer/global_step",
+            files_root=csv_dirs[0] if csv_dirs else log_dir,
+        )
 
     # ---- the pass -----------------------------------------------------------------------------
     def _run(self, trainer: Trainer, stage: str) -> None:
-        step = trainer.global_step
-        if self.monitor.already_logged(step, stage):
-            return
-        # Every rank takes part (probes split or run in lockstep, see monitor.distributed); only
-        # rank zero has sinks and gets a report back.
-        started = time.perf_counter()
-        report = self.monitor.run(self.model, self.tokenizer, step, trainer.current_epoch, stage, self.sinks)
-        self.seconds_spent += time.perf_counter() - started
-        if report is not None:
-            self.reports = (self.reports + [report])[-20:]
+        self._attribute(self.model, self.tokenizer, trainer.global_step, trainer.current_epoch, stage)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_seen_step = trainer.global_step
@@ -198,11 +176,7 @@ class AttributionMonitor(Callback):
             self._run(trainer, "test")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as error:  # noqa: BLE001 - never fail the run while closing
-                self.monitor._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed to close", error)
+        self._close_sinks()
 
     # ---- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -210,12 +184,3 @@ class AttributionMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict)
-
-    @property
-    def history(self):
-        """The drift history: ``history.probes[name].rows`` holds one row of scalars per pass."""
-        return self.monitor.history
-
-
-def _folder(prefix: str) -> str:
-    return prefix.replace("/", "_")
