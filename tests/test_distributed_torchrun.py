@@ -1,9 +1,10 @@
 """Multi-process runs under ``torchrun --nproc_per_node 2`` on CPU (gloo): the HF Trainer under DDP and
-a model sharded with FSDP2. Every step is logged once, by rank zero, with single-process numbers."""
+a model sharded with FSDP2 or FSDP1. Every step is logged once, by rank zero, with single-process numbers."""
 
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,16 @@ from inseq_lightning.tiny_models import tiny_gpt2
 HERE = Path(__file__).parent
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(HERE.parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()),
                str(HERE / "distributed" / script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -49,10 +57,11 @@ def test_hf_trainer_ddp_logs_each_step_once_with_single_process_numbers(tmp_path
 
 
 @pytest.mark.timeout(400)
-def test_fsdp2_sharded_model_attributes_in_lockstep_with_single_process_numbers(tmp_path):
-    """torch's FSDP2 (``fully_shard``) runs on CPU with gloo; Lightning's FSDP strategy and
-    DeepSpeed need GPUs (see tests/gpu/)."""
-    torchrun("fsdp2_attribute.py", str(tmp_path))
+@pytest.mark.parametrize("flavour", ["fsdp2", "fsdp1"])
+def test_sharded_model_attributes_in_lockstep_with_single_process_numbers(tmp_path, flavour):
+    """torch's FSDP2 (``fully_shard``) and FSDP1 run on CPU with gloo; Lightning's FSDP strategy
+    and DeepSpeed refuse CPU (see tests/gpu/)."""
+    torchrun("fsdp_attribute.py", str(tmp_path), flavour)
     names = ["probe_0", "probe_1", "probe_2"]
     assert json.loads((tmp_path / "reports.json").read_text()) == {"reports": [names, names], "world_size": 2}
     rows = list(csv.DictReader((tmp_path / "drift.csv").open()))

@@ -48,12 +48,13 @@ class MonitorCallbackBase:
             sinks.append(FileSink(Path(files_root) / "attributions" / self.monitor.prefix.replace("/", "_")))
         return sinks + self.extra_sinks
 
-    def _attribute(self, model, tokenizer, step: int, epoch: int | None, stage: str) -> MonitorReport | None:
+    def _attribute(self, model, tokenizer, step: int, epoch: int | None, stage: str,
+                   sharded_root=None) -> MonitorReport | None:
         """One pass, on every rank (the monitor splits or runs in lockstep); never twice for a step."""
         if self.monitor.already_logged(step, stage):
             return None
         started = time.perf_counter()
-        report = self.monitor.run(model, tokenizer, step, epoch, stage, self.sinks)
+        report = self.monitor.run(model, tokenizer, step, epoch, stage, self.sinks, sharded_root)
         self.seconds_spent += time.perf_counter() - started
         if report is not None:
             self.reports = (self.reports + [report])[-KEEP_REPORTS:]

@@ -123,8 +123,8 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _model(self, kwargs):
-        if self.trainer is not None:
-            return self.trainer.model
+        if self.trainer is not None:  # FSDP/DeepSpeed wrap trainer.model: attribute the model inside
+            return self.trainer.accelerator.unwrap_model(self.trainer.model)
         model = kwargs.get("model")
         if model is None:
             raise ValueError("AttributionCallback got no model from the Trainer; pass trainer= (see attach())")
@@ -170,7 +170,9 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         epoch = int(state.epoch) if state.epoch is not None else None
         if stage == "fit" and not self.monitor.already_logged(state.global_step, stage):
             self._since_save.append(state.global_step)
-        self._attribute(self._model(kwargs), self._tokenizer_from(kwargs), state.global_step, epoch, stage)
+        root = getattr(self.trainer, "model_wrapped", None) if self.trainer is not None else None
+        self._attribute(self._model(kwargs), self._tokenizer_from(kwargs), state.global_step, epoch, stage,
+                        sharded_root=root)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._in_training = True

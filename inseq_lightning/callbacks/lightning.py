@@ -144,7 +144,9 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
 
     # ---- the pass -----------------------------------------------------------------------------
     def _run(self, trainer: Trainer, stage: str) -> None:
-        self._attribute(self.model, self.tokenizer, trainer.global_step, trainer.current_epoch, stage)
+        # Under FSDP, strategy.model is the sharded root wrapping the LightningModule.
+        self._attribute(self.model, self.tokenizer, trainer.global_step, trainer.current_epoch, stage,
+                        sharded_root=trainer.strategy.model)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_seen_step = trainer.global_step

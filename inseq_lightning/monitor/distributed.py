@@ -55,21 +55,42 @@ def all_gather_objects(obj) -> list:
 
 
 @contextlib.contextmanager
-def root_parameters_gathered(model: torch.nn.Module) -> Iterator[None]:
-    """Under FSDP2 the root module's own parameters (embeddings, final norm, tied head) stay sharded
-    between forwards, but attribution embeds the ids itself, before the model's forward. Gather
-    the root's parameters for the pass (every rank does, so it is a collective in lockstep) and
-    shard them again after. Submodules keep gathering in their own hooks, as in training;
-    nothing like ``summon_full_params`` materialises the whole model."""
+def root_parameters_gathered(model: torch.nn.Module, root: torch.nn.Module | None = None) -> Iterator[None]:
+    """Gather the sharded root's *own* parameters for an attribution pass, and shard them again after.
+
+    Attribution embeds the ids itself, before the model's forward, but the root's own parameters
+    (embeddings, final norm, tied head) stay sharded between forwards. Every rank gathers them (a
+    collective in lockstep); submodules keep gathering in their own hooks, as in training: nothing
+    materialises the whole model.
+
+    - FSDP2 (``fully_shard``): ``root.unshard()`` / ``root.reshard()``.
+    - FSDP1: ``FullyShardedDataParallel.summon_full_params(root, recurse=False)``.
+    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` of the input embeddings.
+
+    ``root`` is the outermost sharded module when it wraps ``model`` (Lightning's
+    ``trainer.strategy.model``, the HF Trainer's ``model_wrapped``); default ``model``.
+    """
+    root = model if root is None else root
     try:
         from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     except ImportError:  # pragma: no cover - old torch
-        FSDPModule = ()  # noqa: N806
-    if not isinstance(model, FSDPModule):
         yield
         return
-    model.unshard()
-    try:
+    if isinstance(root, FSDPModule):
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+    elif isinstance(root, FSDP1):
+        with FSDP1.summon_full_params(root, recurse=False, writeback=False):
+            yield
+    elif any(hasattr(p, "ds_id") for p in model.get_input_embeddings().parameters()):
+        # DeepSpeed ZeRO-3: only the input embeddings run outside the model's forward.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.get_input_embeddings().parameters()), modifier_rank=None):
+            yield
+    else:
         yield
-    finally:
-        model.reshard()

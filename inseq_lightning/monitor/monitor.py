@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..attr.methods import get_method
@@ -112,7 +113,8 @@ class ProbeMonitor:
         )
 
     def attribute_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                         probes: list[Probe] | None = None) -> tuple[dict[str, FeatureAttributionOutput], dict[str, str]]:
+                         probes: list[Probe] | None = None, sharded_root: torch.nn.Module | None = None,
+                         ) -> tuple[dict[str, FeatureAttributionOutput], dict[str, str]]:
         """Attribute ``probes`` (default: all) on the live model, under :func:`attribution_guard`.
 
         All probes go in batches; when a batch fails, its probes are retried one by one so a single
@@ -121,7 +123,7 @@ class ProbeMonitor:
         probes = list(self.probes) if probes is None else probes
         outputs: dict[str, FeatureAttributionOutput] = {}
         skipped: dict[str, str] = {}
-        with attribution_guard(model), root_parameters_gathered(model):
+        with attribution_guard(model), root_parameters_gathered(model, sharded_root):
             wrapper = self._wrapper(model, tokenizer)
             for start in range(0, len(probes), self.batch_size):
                 chunk = probes[start : start + self.batch_size]
@@ -141,20 +143,21 @@ class ProbeMonitor:
         return outputs, skipped
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
-            stage: str = "fit", sinks: Sequence = ()) -> MonitorReport | None:
+            stage: str = "fit", sinks: Sequence = (), sharded_root: torch.nn.Module | None = None,
+            ) -> MonitorReport | None:
         """One monitoring pass: attribute, measure drift against the history, publish to ``sinks``.
 
         Call it on every rank of a distributed job (see :mod:`.distributed`): replicated models
         split the probes across ranks, sharded ones attribute all probes on every rank in lockstep;
         rank zero gathers, keeps the drift history, publishes and returns the report; other ranks
-        return None.
+        return None. ``sharded_root``: the outermost FSDP module when it wraps ``model``.
         """
         started = time.perf_counter()
         rank, world = rank_and_world()
         if world == 1:
-            outputs, skipped = self.attribute_probes(model, tokenizer)
-        elif has_sharded_parameters(model):
-            outputs, skipped = self.attribute_probes(model, tokenizer)
+            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
+        elif has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
+            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
             if rank != 0:
                 self.history.last_step[stage] = step  # every rank agrees on what was logged
                 return None
