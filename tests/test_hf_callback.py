@@ -116,3 +116,14 @@ def test_arguments_are_validated():
     state = AttributionCallback(make_probes(1), method="input_x_gradient").state()
     rebuilt = AttributionCallback(**json.loads(json.dumps(state["args"])))
     assert rebuilt.monitor.method == "input_x_gradient" and rebuilt.monitor.probes.names == ["probe_0"]
+
+
+def test_evaluate_outside_training_is_a_snapshot(hf_models, tmp_path):
+    callback = AttributionCallback(make_probes(2), attribution_strategy="no", save_files=True)
+    trainer = _trainer(hf_models, tmp_path / "out", [callback], max_steps=2, eval_strategy="no", save_strategy="no")
+    trainer.train()
+    assert [(r.stage, r.step) for r in callback.reports] == [("fit", 0)]  # only the reference pass
+    trainer.evaluate()  # eval mode, under no_grad in the evaluation loop: the guard enables gradients
+    assert [(r.stage, r.step) for r in callback.reports] == [("fit", 0), ("validate", 2)]
+    assert callback.reports[-1].results[0].step_scores["probability"] > 0
+    assert [row["step"] for row in callback.history.probes["probe_0"].rows] == [0]
