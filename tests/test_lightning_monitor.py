@@ -86,6 +86,10 @@ def test_tensorboard_and_wandb_hold_every_logging_step(hf_models, tmp_path, wand
     assert html.startswith("<!DOCTYPE html>") and "step 4" in html
     assert rows[-1][f"{prefix}/probe_0/heatmap/_type"] == "image-file"
     assert rows[-1][f"{prefix}/table/log_mode"] == "INCREMENTAL"
+    probes_table = [r for r in history_rows(next(run_dir.glob("run-*.wandb"))) if f"{prefix}/probes/path" in r]
+    assert len(probes_table) == 1  # the probe set is logged once
+    logged = json.loads((run_dir / "files" / probes_table[0][f"{prefix}/probes/path"]).read_text())
+    assert [row[0] for row in logged["data"]] == ["probe_0", "probe_1"] and "Facts" in logged["data"][0][1]
     table = json.loads((run_dir / "files" / rows[-1][f"{prefix}/table/path"]).read_text())
     assert [row[0] for row in table["data"]] == [4, 4]  # the increment holds this step's rows
     assert rows[-1][f"{prefix}/probe_0/step_score/probability"] == pytest.approx(

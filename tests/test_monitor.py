@@ -290,3 +290,6 @@ def test_markdown_table_escapes_tokens_and_marks_the_top_three(hf_models):
         assert sum(c.startswith("**") for c in valid) == min(3, len(valid))
     assert any(line.startswith("| *probability*") for line in lines)
     assert "Evidence mass" in table
+    evidence_lines = [line for line in body if line.startswith("| ▸ ")]
+    assert len(evidence_lines) == len(result.evidence_rows) >= 1
+    assert all(body.index(line) in result.evidence_rows for line in evidence_lines)

@@ -204,6 +204,7 @@ class ProbeMonitor:
                            ValueError("the tokenizer gives no offsets that match the attributed tokens"))
             else:
                 result.evidence_mass = evidence_mass(current, rows)
+                result.evidence_rows = tuple(rows)
         if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
             return result
         history = self.history.probe(probe.name)

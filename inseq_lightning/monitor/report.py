@@ -20,6 +20,7 @@ class ProbeResult:
         drift_reference, drift_previous: drift metrics against the first and the previous pass.
         score_change_reference, score_change_previous: change of each mean step score.
         evidence_mass: share of attribution on the evidence tokens (NaN without evidence).
+        evidence_rows: the evidence tokens' rows in the attribution map.
         reference_step, previous_step: the steps compared with (None on the first pass).
     """
 
@@ -32,6 +33,7 @@ class ProbeResult:
     score_change_reference: dict[str, float] = field(default_factory=dict)
     score_change_previous: dict[str, float] = field(default_factory=dict)
     evidence_mass: float = math.nan
+    evidence_rows: tuple[int, ...] = ()  # rows of the map (and of the views' grids) that are evidence
     reference_step: int | None = None
     previous_step: int | None = None
 

@@ -53,7 +53,8 @@ def markdown_table(result: ProbeResult, step: int) -> str:
                 cells.append("")
             else:
                 cells.append(f"**{value:.3f}**" if i in tops[j] else f"{value:.3f}")
-        lines.append(f"| {markdown_token(label)} | " + " | ".join(cells) + " |")
+        marker = "▸ " if i in result.evidence_rows else ""
+        lines.append(f"| {marker}{markdown_token(label)} | " + " | ".join(cells) + " |")
     for name, values in grid.step_scores.items():
         lines.append(f"| *{markdown_token(name)}* | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     summary = [f"{name} {result.drift_reference[name]:.3f}" for name in DRIFT_METRICS
@@ -62,7 +63,10 @@ def markdown_table(result: ProbeResult, step: int) -> str:
         lines += ["", f"Drift against step {result.reference_step}: " + ", ".join(summary)]
     if not math.isnan(result.evidence_mass):
         lines += ["", f"Evidence mass: {result.evidence_mass:.3f}"]
-    lines += ["", f"Bold: the top {TOP_K} tokens of each column."]
+    legend = f"Bold: the top {TOP_K} tokens of each column."
+    if result.evidence_rows:
+        legend += " ▸: the probe's evidence tokens."
+    lines += ["", legend]
     return "\n".join(lines)
 
 

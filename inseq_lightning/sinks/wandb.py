@@ -31,10 +31,15 @@ class WandbSink(Sink):
     def log_report(self, report: MonitorReport) -> None:
         import wandb
 
-        if report.prefix not in self._defined:  # plot our keys against the trainer's step
-            self._defined.add(report.prefix)
-            self.run.define_metric(f"{report.prefix}/*", step_metric=self.step_key)
         entry: dict = dict(report.scalars())
+        if report.prefix not in self._defined:
+            self._defined.add(report.prefix)
+            self.run.define_metric(f"{report.prefix}/*", step_metric=self.step_key)  # plot against the trainer's step
+            if report.results:  # the probe set itself, once, for reference next to the per-step table
+                entry[f"{report.prefix}/probes"] = wandb.Table(
+                    columns=["probe", "prompt", "target", "evidence"],
+                    data=[[r.probe.name, r.probe.prompt, r.probe.target or "", " | ".join(map(str, r.probe.evidence))]
+                          for r in report.results])
         for result in report.results:
             base = f"{report.prefix}/{result.probe.name}"
             if self.log_html:
