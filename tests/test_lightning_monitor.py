@@ -245,3 +245,26 @@ def test_missing_model_or_tokenizer_is_a_clear_error(hf_models, tmp_path):
     module.tokenizer = None
     with pytest.raises(MisconfigurationException, match="tokenizer"):
         _trainer(tmp_path, [AttributionMonitor(make_probes(1))], max_steps=1).fit(module)
+
+
+class _AdapterWrapper(torch.nn.Module):
+    """Shaped like a PEFT ``PeftModel``: the HF model behind ``get_base_model()``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+
+    def get_base_model(self):
+        return self.base_model
+
+    def forward(self, **batch):
+        return self.base_model(**batch)
+
+
+def test_wrapped_models_are_unwrapped(hf_models, tmp_path):
+    module = _module(hf_models)
+    inner = module.model
+    module.model = _AdapterWrapper(inner)
+    monitor = AttributionMonitor(make_probes(1), save_files=True)
+    _trainer(tmp_path, [monitor], max_steps=1).fit(module)
+    assert monitor.model is inner and [r.step for r in monitor.reports] == [0, 1]

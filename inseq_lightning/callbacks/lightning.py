@@ -116,8 +116,13 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             model = getattr(pl_module, "model", None)
             if not isinstance(model, PreTrainedModel) and isinstance(pl_module, PreTrainedModel):
                 model = pl_module
-        while model is not None and not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
-            model = model.module  # DDP / FSDP1 wrappers keep the wrapped model in .module
+        while model is not None and not isinstance(model, PreTrainedModel):
+            if hasattr(model, "get_base_model"):  # PEFT: attribute the base model, adapters included
+                model = model.get_base_model()
+            elif hasattr(model, "module"):  # DDP / FSDP1 wrappers keep the wrapped model in .module
+                model = model.module
+            else:
+                break
         if not isinstance(model, PreTrainedModel):
             raise MisconfigurationException(
                 "AttributionMonitor could not find the Hugging Face model: keep it in `self.model` of your "
