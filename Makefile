@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-quick attribute test bench bench-monitor
+.PHONY: setup demo demo-quick attribute browser test bench bench-monitor
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,12 @@ attribute: $(PY)
 
 # inseq is installed without its dependency tree (it pins CUDA wheels); the few light packages
 # it imports come from the "parity" extra's pure-Python list.
-test: $(PY)
+# Headless Chromium renders the TensorBoard tab in tests; installed from Debian when missing (needs root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(PY) browser
 	$(PY) -m pip install -q --no-deps "inseq==0.7.1"
 	$(PY) -m pip install -q "jaxtyping>=0.2.25" "typeguard<=2.13.3" "treescope>=0.1" "tqdm>=4.64"
 	$(PY) -m pip install -q -e ".[test]"
