@@ -15,7 +15,7 @@ from inseq_lightning import FeatureAttributionOutput
 from inseq_lightning.callbacks import AttributionMonitor
 from inseq_lightning.demo.module import PairsLM
 from inseq_lightning.demo.task import make_dataset, make_probes
-from inseq_lightning.monitor import ProbeMonitor
+from inseq_lightning.monitor import Probe, ProbeMonitor
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(600)]
 
@@ -51,3 +51,17 @@ def test_ddp_spawn_logs_each_step_once_with_single_process_numbers(hf_models, tm
             single = expected[f"probe_{i}"][0]
             assert torch.allclose(logged.target_attributions, single.target_attributions, atol=1e-6, equal_nan=True)
             assert torch.allclose(logged.step_scores["probability"], single.step_scores["probability"], atol=1e-6)
+
+
+def test_ddp_strict_failure_on_one_rank_stops_every_rank(hf_models, tmp_path):
+    """probe_2 lands on rank 1 only; with strict=True the error must reach every rank (no rank left
+    waiting in the gather) and stop the run."""
+    model, tok = hf_models["gpt2"]
+    probes = [*make_probes(2), Probe("Facts: " + "Mia keeps a red kite. " * 40, " x", name="too_long")]
+    monitor = AttributionMonitor(probes, strict=True, save_files=True)
+    module = PairsLM(copy.deepcopy(model), tok, [(e.prompt, e.answer) for e in make_dataset(32)], lr=1e-3)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[monitor],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(Exception, match="too_long"):
+        trainer.fit(module)

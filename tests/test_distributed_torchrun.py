@@ -75,3 +75,11 @@ def test_sharded_model_attributes_in_lockstep_with_single_process_numbers(tmp_pa
                               equal_nan=True)
         assert torch.allclose(logged.step_scores["probability"], expected[name][0].step_scores["probability"],
                               atol=1e-6)
+
+
+@pytest.mark.timeout(400)
+def test_strict_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    torchrun("strict_failure.py", str(tmp_path))
+    for rank in (0, 1):
+        seen = (tmp_path / f"rank_{rank}.txt").read_text()
+        assert seen.startswith("MonitoringError") and "too_long" in seen, (rank, seen)

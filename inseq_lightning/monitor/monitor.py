@@ -163,13 +163,19 @@ class ProbeMonitor:
                 return None
         else:
             share = [self.probes[i] for i in my_share(len(self.probes), rank, world)]
-            mine = self.attribute_probes(model, tokenizer, share) if share else ({}, {})
-            gathered = all_gather_objects(_to_cpu(mine))
+            try:
+                mine, error = (self.attribute_probes(model, tokenizer, share) if share else ({}, {})), None
+            except MonitoringError as strict_error:  # raise on every rank after the gather, never hang one
+                mine, error = ({}, {}), str(strict_error)
+            gathered = all_gather_objects((*_to_cpu(mine), error))
+            errors = [e for _, _, e in gathered if e]
+            if errors:
+                raise MonitoringError(errors[0])
             if rank != 0:
                 self.history.last_step[stage] = step
                 return None
-            outputs = {name: out for part, _ in gathered for name, out in part.items()}
-            skipped = {name: why for _, part in gathered for name, why in part.items()}
+            outputs = {name: out for part, _, _ in gathered for name, out in part.items()}
+            skipped = {name: why for _, part, _ in gathered for name, why in part.items()}
         report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started, tokenizer)
         self.publish(report, sinks)
         return report
