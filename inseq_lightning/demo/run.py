@@ -121,7 +121,7 @@ def summarise(result: dict) -> None:
     console.print(f"Monitor: {monitor.seconds_spent:.1f} s of {result['fit_seconds']:.1f} s fit wall time "
                   f"({100 * share:.1f}%).")
     console.print("\nWhere to look:")
-    console.print(f"  TensorBoard: tensorboard --logdir {result['tensorboard']}  (Scalars, Images, Text tabs)")
+    console.print(f"  TensorBoard: tensorboard --logdir {result['tensorboard']}  (Scalars, Images, Text and Attributions tabs)")
     console.print(f"  HTML pages:  {Path(result['tensorboard']) / 'plugins' / 'inseq_lightning'}")
     files = Path(result["output_dir"]) / "attributions"
     if not files.exists():
