@@ -45,6 +45,35 @@ def attribute_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def drift_command(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .drift_checkpoints import drift_across_checkpoints
+
+    console = default_console()
+    reports = drift_across_checkpoints(args.checkpoints, args.probes, args.output_dir, method=args.method,
+                                       step_scores=args.step_scores, tokenizer=args.tokenizer,
+                                       tensorboard=args.tensorboard)
+    table = Table(title=f"Attribution drift across checkpoints ({args.method}, mean over probes)")
+    for column in ("step", *args.step_scores, "evidence mass", "cosine vs first", "JS vs first", "Spearman vs first"):
+        table.add_column(column, justify="right")
+
+    def mean(report, read):
+        values = [v for v in (read(r) for r in report.results) if v is not None and v == v]
+        return f"{sum(values) / len(values):.3f}" if values else "-"
+
+    for report in reports:
+        table.add_row(str(report.step), *[mean(report, lambda r, n=n: r.step_scores.get(n)) for n in args.step_scores],
+                      mean(report, lambda r: r.evidence_mass), mean(report, lambda r: r.drift_reference.get("cosine")),
+                      mean(report, lambda r: r.drift_reference.get("js_divergence")),
+                      mean(report, lambda r: r.drift_reference.get("spearman")))
+    console.print(table)
+    console.print(f"Per probe: [bold]{Path(args.output_dir) / 'drift.csv'}[/bold]; pages and JSON under step_<N>/")
+    if args.tensorboard:
+        console.print(f"TensorBoard: tensorboard --logdir {Path(args.output_dir) / 'tensorboard'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inseq-lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--max-new-tokens", type=int, default=10)
     attribute.add_argument("--output-dir", default="outputs")
     attribute.set_defaults(func=attribute_command)
+    drift = sub.add_parser("drift", help="attribution drift of a probe set across saved checkpoints")
+    drift.add_argument("checkpoints", nargs="+", help="checkpoint directories (save_pretrained format)")
+    drift.add_argument("--probes", required=True, help="probes as .jsonl or .csv (prompt, target, evidence, name)")
+    drift.add_argument("--method", default="saliency")
+    drift.add_argument("--step-scores", nargs="*", default=["probability"])
+    drift.add_argument("--tokenizer", help="tokenizer directory (default: each checkpoint's own)")
+    drift.add_argument("--output-dir", default="outputs/drift")
+    drift.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard run")
+    drift.set_defaults(func=drift_command)
     return parser
 
 
