@@ -3,7 +3,6 @@ across ranks, gathered, and logged exactly once by rank zero, with the numbers a
 
 import copy
 import csv
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest

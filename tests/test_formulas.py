@@ -3,7 +3,6 @@ captum run directly, and the step-score formulas."""
 
 import math
 
-import pytest
 import torch
 from captum.attr import LayerIntegratedGradients
 

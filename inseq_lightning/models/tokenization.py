@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import InvalidInputError, TokenizerError
