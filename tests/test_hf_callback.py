@@ -127,3 +127,13 @@ def test_evaluate_outside_training_is_a_snapshot(hf_models, tmp_path):
     assert [(r.stage, r.step) for r in callback.reports] == [("fit", 0), ("validate", 2)]
     assert callback.reports[-1].results[0].step_scores["probability"] > 0
     assert [row["step"] for row in callback.history.probes["probe_0"].rows] == [0]
+
+
+def test_without_trainer_tensorboard_gets_its_own_run_and_a_hint(hf_models, tmp_path):
+    callback = AttributionCallback(make_probes(1), attribution_strategy="no")
+    trainer = _trainer(hf_models, tmp_path / "out", [callback], report_to=["tensorboard"], max_steps=1,
+                       eval_strategy="no", save_strategy="no")
+    with pytest.warns(UserWarning, match="AttributionCallback.attach"):
+        trainer.train()
+    own = tmp_path / "out" / "runs" / "attributions"
+    assert list(own.glob("events.out.tfevents.*")) and (own / "plugins" / "inseq_lightning" / "index.json").is_file()

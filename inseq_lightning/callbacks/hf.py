@@ -7,6 +7,7 @@ runs before ``on_save``).
 """
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -146,6 +147,11 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "attributions")
+            if not os.getenv("TENSORBOARD_LOGGING_DIR"):
+                warnings.warn(
+                    f"AttributionCallback cannot see the Trainer's TensorBoard writer, so attributions go to their own "
+                    f"run in {log_dir}. Use AttributionCallback.attach(trainer, probes) (or tb_writer=) to log into "
+                    "the trainer's run.", UserWarning, stacklevel=2)
             writer = SummaryWriter(log_dir=log_dir)
         wandb_run = None
         if "wandb" in report_to:
