@@ -8,6 +8,7 @@ prints how the evidence mass, the step scores and the drift moved, and where to 
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-wandb", action="store_true", help="log to TensorBoard and files only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--timings-json", help="write fit and monitor wall times here (for benchmarks)")
     return parser
 
 
@@ -135,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run(args)
     summarise(result)
+    if args.timings_json:
+        monitor = result["monitor"]
+        Path(args.timings_json).write_text(json.dumps({
+            "fit_seconds": result["fit_seconds"],
+            "monitor_seconds": monitor.seconds_spent if monitor is not None else 0.0,
+            "losses": result["module"].losses,
+        }))
     return 0
 
 
