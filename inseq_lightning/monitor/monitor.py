@@ -69,7 +69,7 @@ class ProbeMonitor:
         self.prefix = prefix or f"attribution/{method}"
         self.history = DriftHistory()
         self._warned: set[str] = set()
-        self._wrappers: dict[tuple[int, int], AttributionModel] = {}
+        self._wrapper_cache: AttributionModel | None = None
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -93,10 +93,12 @@ class ProbeMonitor:
 
     # ---- the pass -----------------------------------------------------------------------------
     def _wrapper(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> AttributionModel:
-        key = (id(model), id(tokenizer))
-        if key not in self._wrappers:
-            self._wrappers[key] = AttributionModel(model, tokenizer, self.method)
-        return self._wrappers[key]
+        # One slot: a training run attributes the same live model every time, and a run over saved
+        # checkpoints must not keep earlier checkpoints alive through this cache.
+        cached = self._wrapper_cache
+        if cached is None or cached.model is not model or cached.tokenizer is not tokenizer:
+            self._wrapper_cache = AttributionModel(model, tokenizer, self.method)
+        return self._wrapper_cache
 
     def _targets(self, wrapper: AttributionModel, probes: list[Probe]) -> list[str]:
         if self.probes.generate:
