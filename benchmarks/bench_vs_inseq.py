@@ -1,7 +1,8 @@
 """inseq-lightning vs inseq 0.7.1 on identical workloads, in one process, alternating runs.
 
 Prints the median wall time of each library per workload and the speed-up ratio, plus the peak
-extra memory of one attribution (measured in a fresh subprocess per library, ru_maxrss delta).
+extra memory of one attribution (in a fresh, warmed-up subprocess per library: see
+``peak_memory_child``).
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/bench_vs_inseq.py``).
 """
 
@@ -20,34 +21,45 @@ warnings.filterwarnings("ignore")
 THREADS = 2
 
 
+WORKLOADS = {
+    "tiny": "tiny GPT-2 (2x64), saliency + probability",
+    "small": "GPT-2-small shape (12x768), saliency + probability",
+    "small-vocab": "GPT-2-small shape, GPT-2's 50257-token vocabulary, saliency + probability",
+    "tiny-attention": "tiny GPT-2 (2x64), attention",
+}
+
+
 def workload(name: str):
     from inseq_lightning.tiny_models import gpt2_tokenizer, tiny_gpt2
 
-    if name.startswith("small"):
+    if name == "small-vocab":  # the real GPT-2 output layer: 50257 x 768 (ids stay in the trained 400)
+        model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
+    elif name.startswith("small"):
         model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12)
     else:
         model, tok = tiny_gpt2()
     ids = gpt2_tokenizer()(" ".join(["the quick brown fox jumps over the lazy dog"] * 6))["input_ids"]
-    prompt = tok.decode(ids[:20])
-    full = tok.decode(ids[:40])
+    texts = {"full": (tok.decode(ids[:20]), tok.decode(ids[:40])),
+             "warm-up": (tok.decode(ids[:4]), tok.decode(ids[:6]))}
     method = "attention" if name.endswith("attention") else "saliency"
     step_scores = [] if method == "attention" else ["probability"]
-    return model, tok, prompt, full, method, step_scores
+    return model, tok, texts, method, step_scores
 
 
-def runners(name: str):
+def runners(name: str, texts_key: str = "full"):
+    """``{library: run}`` on the same model weights; ``run(key)`` attributes ``texts[key]``."""
     import inseq
 
     import inseq_lightning as il
 
-    model, tok, prompt, full, method, step_scores = workload(name)
+    model, tok, texts, method, step_scores = workload(name)
     ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("eager")
     ours = il.load_model(model, method, tokenizer=tok)
     ref = inseq.load_model(ref_model, method, tokenizer=copy.deepcopy(tok))
     return {
-        "inseq-lightning": lambda: ours.attribute(prompt, full, step_scores=step_scores, show_progress=False),
-        "inseq": lambda: ref.attribute(prompt, full, step_scores=step_scores, show_progress=False),
+        "inseq-lightning": lambda key="full": ours.attribute(*texts[key], step_scores=step_scores, show_progress=False),
+        "inseq": lambda key="full": ref.attribute(*texts[key], step_scores=step_scores, show_progress=False),
     }
 
 
@@ -72,15 +84,19 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory_child(name: str, library: str) -> None:
-    """Peak resident memory added by a first attribution in a fresh process: the high-water mark is
-    reset (Linux clear_refs) after the models are built, so loading does not hide the attribution's peak."""
+    """Peak resident memory added by one attribution in a warm process: a short attribution runs
+    first (one-time initialisation of torch's kernels and autograd is not the workload's), then the
+    high-water mark is reset (Linux clear_refs) and the workload runs. Code pages of libraries
+    touched for the first time are file-backed and shared: they are subtracted."""
     torch.set_num_threads(THREADS)
-    fn = runners(name)[library]
+    run = runners(name)[library]
+    run("warm-up")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status_kib("VmRSS")
-    fn()
-    print(json.dumps({"delta_mib": (_status_kib("VmHWM") - before) / 1024}))
+    before, file_before = _status_kib("VmRSS"), _status_kib("RssFile")
+    run()
+    file_growth = _status_kib("RssFile") - file_before
+    print(json.dumps({"delta_mib": (_status_kib("VmHWM") - file_growth - before) / 1024}))
 
 
 def peak_memory(name: str, library: str) -> float:
@@ -92,27 +108,31 @@ def peak_memory(name: str, library: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--memory-child", nargs=2)
+    parser.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     if args.memory_child:
         peak_memory_child(*args.memory_child)
         return
     torch.set_num_threads(THREADS)
     rows = []
-    workloads = {
-        "tiny": "tiny GPT-2 (2x64), saliency + probability",
-        "small": "GPT-2-small shape (12x768), saliency + probability",
-        "tiny-attention": "tiny GPT-2 (2x64), attention",
-    }
-    for key, label in workloads.items():
+    for key in args.workloads or list(WORKLOADS):
         t = time_workload(key, args.repeats)
-        mem_ours, mem_ref = peak_memory(key, "inseq-lightning"), peak_memory(key, "inseq")
-        rows.append((label, t["inseq"], t["inseq-lightning"], t["inseq"] / t["inseq-lightning"], mem_ref, mem_ours))
-    print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens; median of {args.repeats} alternating runs\n")
-    print("| workload | inseq 0.7.1 (s) | inseq-lightning (s) | speed-up | peak extra MiB inseq | peak extra MiB ours |")
+        mem_ours = statistics.median(peak_memory(key, "inseq-lightning") for _ in range(args.memory_repeats))
+        mem_ref = statistics.median(peak_memory(key, "inseq") for _ in range(args.memory_repeats))
+        ref, ours = t["inseq"], t["inseq-lightning"]
+        rows.append((WORKLOADS[key], ref, ours, ref / ours, mem_ref, mem_ours))
+    print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens; median of {args.repeats} alternating runs; "
+          f"memory: median of {args.memory_repeats} fresh processes\n")
+    print("| workload | inseq 0.7.1 (s) | inseq-lightning (s) | speed-up | peak extra MiB inseq "
+          "| peak extra MiB ours |")
     print("|---|---|---|---|---|---|")
     for label, ref, ours, ratio, mem_ref, mem_ours in rows:
-        print(f"| {label} | {ref:.3f} | {ours:.3f} | {ratio:.1f}x | {mem_ref:.0f} | {mem_ours:.0f} |")
+        print(f"| {label} | {ref:.3f} | {ours:.3f} | {ratio:.1f}x | {mem_ref:.1f} | {mem_ours:.1f} |")
 
 
 if __name__ == "__main__":

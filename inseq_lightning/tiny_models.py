@@ -70,7 +70,8 @@ def marian_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0, **config) -> tuple:
     tok = gpt2_tokenizer()
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+    config = {"vocab_size": len(tok), **config}  # a larger vocab_size gives a realistic output layer
+    cfg = GPT2Config(n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
     return GPT2LMHeadModel(cfg).eval(), tok
 

@@ -4,24 +4,38 @@ For a causal decoder the logits that predict target position ``t`` only depend o
 ``< t``, so a single forward over the whole (prompt + target) sequence yields the predictions of
 every step. The gradients of all steps' scores then come from one vectorised backward
 (``torch.autograd.grad(..., is_grads_batched=True)``) per chunk of steps, chunked to a memory budget.
+
+The backward is split at the input of the output projection (``lm_head``): each step's score
+depends only on the hidden row that predicts it, so one ordinary backward of the summed scores
+gives every step's gradient at that layer, and only the part below it (``[steps, L, hidden]``
+instead of ``[steps, L, vocab]``) is vectorised. With a 50k vocabulary this removes most of the
+backward's work and memory.
 """
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.utils import ModelOutput
 
+from ..utils.sharding import has_sharded_parameters
 from .step_functions import StepFunctionArgs, step_function_kwargs
 
 if TYPE_CHECKING:
     from ..models.batch import Batch
 
-# Bounds the vectorised backward: large enough to batch a few steps of a GPT-2-small-sized model,
-# small enough that peak memory stays at the level of a one-step-at-a-time backward.
-DEFAULT_MEMORY_BUDGET_BYTES = 80 * 1024**2
+SHARDED_MEMORY_BUDGET_BYTES = 80 * 1024**2
+
+
+def default_memory_budget(model: torch.nn.Module) -> int:
+    """A quarter of the model's parameter memory: what the vectorised backward may add on top of
+    the forward pass. Batching steps then never costs more than a fraction of what holding the
+    model already costs, and grows with the model (a 7B model on a GPU batches many steps; a
+    2-layer toy model takes one step per backward and stays at inseq's peak memory)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) // 4
 
 
 @dataclass
@@ -36,7 +50,7 @@ class EngineContext:
     score_fn: Callable[..., torch.Tensor]
     score_kwargs: dict[str, Any]
     attribute_target: bool
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    memory_budget_bytes: int | None = None  # None: default_memory_budget(model)
     positions: torch.Tensor = field(init=False)
     valid: torch.Tensor = field(init=False)
 
@@ -44,6 +58,13 @@ class EngineContext:
         self.positions, self.valid = self.batch.step_index()
         self._score_kwargs = step_function_kwargs(self.score_fn, self.score_kwargs)
         self._decoder_embeds = None
+        self._head_inputs: list[torch.Tensor] = []
+        self.sharded = has_sharded_parameters(self.model.model)
+        if self.memory_budget_bytes is None:
+            # Sharded ranks must chunk identically (every backward is a collective), and a rank's
+            # view of the parameters holds only its shard: a fixed budget keeps them in lockstep.
+            budget = SHARDED_MEMORY_BUDGET_BYTES if self.sharded else self.model.default_memory_budget
+            self.memory_budget_bytes = budget
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -85,9 +106,30 @@ class EngineContext:
         return [b.source_baseline_ids] if self.is_encoder_decoder else [b.target_baseline_ids]
 
     # ---- forward --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _recording_head_input(self) -> Iterator[None]:
+        """Keep the input of the output projection of the coming forward (see the module doc).
+
+        Not on sharded models: a backward that stops at the head runs FSDP's end-of-backward
+        callback, which reshards the root's parameters that the rest of the backward still needs."""
+        self._head_inputs = []
+        head = self.model.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Module) or self.sharded:
+            yield
+            return
+        handle = head.register_forward_hook(lambda module, args, output: self._head_inputs.append(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
         possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
+        with self._recording_head_input():
+            return self._forward(inputs, repeat, **kwargs)
+
+    def _forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         b = self.batch
         if self.is_encoder_decoder:
             source = inputs[0]
@@ -112,17 +154,18 @@ class EngineContext:
         layer = self.model.model.get_input_embeddings()
         handle = layer.register_forward_hook(lambda module, args, output: layer_output)
         try:
-            if self.is_encoder_decoder:
+            with self._recording_head_input():
+                if self.is_encoder_decoder:
+                    return self.model.model(
+                        input_ids=b.source_ids.repeat(repeat, 1),
+                        attention_mask=b.source_mask.repeat(repeat, 1),
+                        decoder_inputs_embeds=decoder_embeds.repeat(repeat, 1, 1),
+                        decoder_attention_mask=b.target_mask.repeat(repeat, 1),
+                        **kwargs,
+                    )
                 return self.model.model(
-                    input_ids=b.source_ids.repeat(repeat, 1),
-                    attention_mask=b.source_mask.repeat(repeat, 1),
-                    decoder_inputs_embeds=decoder_embeds.repeat(repeat, 1, 1),
-                    decoder_attention_mask=b.target_mask.repeat(repeat, 1),
-                    **kwargs,
+                    input_ids=b.target_ids.repeat(repeat, 1), attention_mask=b.target_mask.repeat(repeat, 1), **kwargs
                 )
-            return self.model.model(
-                input_ids=b.target_ids.repeat(repeat, 1), attention_mask=b.target_mask.repeat(repeat, 1), **kwargs
-            )
         finally:
             handle.remove()
 
@@ -183,24 +226,68 @@ class EngineContext:
         """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input."""
         rows, n = scores.shape
         chunk = self.step_chunk(rows, max(t.shape[1] for t in inputs))
+        head = self._split_point(rows)
+        if head is not None:
+            # Every step's gradient at the output projection's input, in one ordinary backward.
+            (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=True)
+            seeds_of = self._head_seeds(head_grad)
+            outputs = head
+        else:
+            seeds_of = self._score_seeds(rows, n, scores)
+            outputs = scores
         per_input: list[list[torch.Tensor]] = [[] for _ in inputs]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
+            keep = retain_graph or steps.stop < n
+            grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
+            for i, g in enumerate(grads):
+                per_input[i].append(g)
+        self._head_inputs = []
+        # [N, rows, L, D] -> [rows, L, N, D]
+        return [torch.cat(chunks, 0).movedim(0, 2) for chunks in per_input]
+
+    def _split_point(self, rows: int) -> torch.Tensor | None:
+        """The output projection's input of the last forward, when the backward can split there:
+        exactly one call, on the whole ``[rows, T, hidden]`` sequence, inside the graph."""
+        if len(self._head_inputs) != 1:
+            return None
+        head = self._head_inputs[0]
+        if head.ndim != 3 or not head.requires_grad or tuple(head.shape[:2]) != (rows, self.batch.target_ids.shape[1]):
+            return None
+        return head
+
+    def _head_seeds(self, head_grad: torch.Tensor) -> Callable[[range], torch.Tensor]:
+        """Per-step seeds ``[steps, rows, T, hidden]``: step k keeps only the row that predicts it."""
+        rows, length, _ = head_grad.shape
+        repeat = rows // self.batch.size
+        predicting = (self.positions - 1).repeat(repeat, 1).T  # [N, rows]
+        valid = self.valid.repeat(repeat, 1).T
+        time = torch.arange(length, device=head_grad.device)
+        # [N, rows, T, 1]: which row of the head's input predicts each (valid) step
+        pick = ((predicting.unsqueeze(-1) == time) & valid.unsqueeze(-1)).unsqueeze(-1).to(head_grad.dtype)
+        return lambda steps: pick[steps.start : steps.stop] * head_grad
+
+    @staticmethod
+    def _score_seeds(rows: int, n: int, scores: torch.Tensor) -> Callable[[range], torch.Tensor]:
+        """One-hot seeds ``[steps, rows, N]`` on the scores themselves (no split point found)."""
+
+        def seeds(steps: range) -> torch.Tensor:
             eye = torch.zeros(len(steps), rows, n, dtype=scores.dtype, device=scores.device)
             for j, k in enumerate(steps):
                 eye[j, :, k] = 1.0
-            keep = retain_graph or steps.stop < n
-            grads = _batched_grad(scores, inputs, eye, keep)
-            for i, g in enumerate(grads):
-                per_input[i].append(g)
-        # [N, rows, L, D] -> [rows, L, N, D]
-        return [torch.cat(chunks, 0).movedim(0, 2) for chunks in per_input]
+            return eye
+
+        return seeds
 
 
 def _batched_grad(
     scores: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor, retain_graph: bool
 ) -> tuple[torch.Tensor, ...]:
     """Vectorised backward (one pass for many steps); a plain loop where vmap cannot batch an op."""
+    if grad_outputs.shape[0] == 1:  # one step: a plain backward is faster than vmap's batching rules
+        grads = torch.autograd.grad(scores, list(inputs), grad_outputs=grad_outputs[0], retain_graph=retain_graph,
+                                    allow_unused=True)
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
     try:
         return torch.autograd.grad(
             scores, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=retain_graph,

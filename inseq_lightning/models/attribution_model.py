@@ -10,7 +10,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..attr.engine import DEFAULT_MEMORY_BUDGET_BYTES, EngineContext, nan_future_positions
+from ..attr.engine import EngineContext, default_memory_budget, nan_future_positions
 from ..attr.methods import get_method
 from ..attr.step_functions import get_step_function, step_function_kwargs
 from ..data.outputs import (
@@ -41,6 +41,7 @@ class AttributionModel:
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.special_ids = SpecialIds.resolve(model, tokenizer)
         self.embed_scale = self._embed_scale()
+        self._default_memory_budget: int | None = None
         self.default_attribution_method = attribution_method or "saliency"
         get_method(self.default_attribution_method)  # fail early on unknown names
         self.default_attributed_fn_id = "probability"
@@ -66,6 +67,13 @@ class AttributionModel:
             "model_class": type(self.model).__name__,
             "tokenizer_class": type(self.tokenizer).__name__,
         }
+
+    @property
+    def default_memory_budget(self) -> int:
+        """See :func:`~inseq_lightning.attr.engine.default_memory_budget`; computed once per model."""
+        if self._default_memory_budget is None:
+            self._default_memory_budget = default_memory_budget(self.model)
+        return self._default_memory_budget
 
     def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
         """``[B, L]`` ids -> ``[B, L, D]`` input embeddings (times ``embed_scale``)."""
@@ -108,7 +116,7 @@ class AttributionModel:
         batch_size: int | None = None,
         skip_special_tokens: bool = False,
         generation_args: dict[str, Any] | None = None,
-        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        memory_budget_bytes: int | None = None,
         **kwargs,
     ) -> FeatureAttributionOutput:
         """Attribute the generation of ``generated_texts`` (or of the model's own generation) from
@@ -126,7 +134,8 @@ class AttributionModel:
             step_scores: step function names computed alongside (``[N]`` per sequence).
             attributed_fn: step function name or callable whose value is attributed (default probability).
             batch_size: sequences per forward (default: all at once).
-            memory_budget_bytes: bound for the vectorised backward (steps are chunked to fit).
+            memory_budget_bytes: extra memory the vectorised backward may use: steps are chunked to
+                fit. Default: a quarter of the model's parameter memory; 0 takes one step per backward.
             **kwargs: method arguments (e.g. ``n_steps``, ``internal_batch_size``), attributed-function
                 and step-function arguments (e.g. ``logprob``, ``top_p``), routed by name.
 
@@ -237,6 +246,13 @@ class AttributionModel:
         with preserve_model_state(self.model), torch.inference_mode(False), torch.enable_grad():
             # Attributions describe the deterministic model: dropout off for the pass, modes restored after.
             self.model.eval()
+            if not ctx.sharded:
+                # Gradients flow to the inputs only: with frozen weights the forward saves only what
+                # the input gradients need (a Linear no longer keeps its input for the weight's
+                # gradient), which leaves memory for batching steps. Flags are restored on exit.
+                # Sharded models keep theirs: FSDP's hooks are registered from them.
+                for parameter in self.model.parameters():
+                    parameter.requires_grad_(False)
             result = attribution.attribute(ctx, **method_kwargs)
             scores = self._step_scores(ctx, result.output, step_fns, score_kwargs["steps"])
         source = result.source.detach().float().cpu() if result.source is not None else None

@@ -19,23 +19,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from ..utils.sharding import has_sharded_parameters  # noqa: F401  (re-exported: the monitor picks its protocol with it)
+
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def has_sharded_parameters(model: torch.nn.Module) -> bool:
-    """FSDP (flat parameters), FSDP2 (DTensor parameters) or DeepSpeed ZeRO-3 (``ds_id`` parameters)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        DTensor = ()  # noqa: N806
-    for module in model.modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or hasattr(module, "_fsdp_wrapped_module"):
-            return True
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def my_share(n_probes: int, rank: int, world: int) -> range:
