@@ -127,7 +127,7 @@ class EngineContext:
         """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
         possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
         with self._recording_head_input():
-            return self._forward(inputs, repeat, **kwargs)
+            return self._forward(inputs, repeat, **{**self.model.forward_defaults, **kwargs})
 
     def _forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         b = self.batch
@@ -153,6 +153,7 @@ class EngineContext:
         decoder_embeds = self.decoder_embeddings() if self.is_encoder_decoder else None
         layer = self.model.model.get_input_embeddings()
         handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        kwargs = {**self.model.forward_defaults, **kwargs}
         try:
             with self._recording_head_input():
                 if self.is_encoder_decoder:
@@ -235,16 +236,19 @@ class EngineContext:
         else:
             seeds_of = self._score_seeds(rows, n, scores)
             outputs = scores
-        per_input: list[list[torch.Tensor]] = [[] for _ in inputs]
+        # Written in place chunk by chunk, in the final [rows, L, N, ...] layout: no second copy of
+        # every step's gradients at the end.
+        per_input = [x.new_zeros((*x.shape[:2], n, *x.shape[2:])) for x in inputs]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
             grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
             for i, g in enumerate(grads):
-                per_input[i].append(g)
+                if g is not None:  # [steps, rows, L, D] -> [rows, L, steps, D]
+                    per_input[i][:, :, start : steps.stop] = g.movedim(0, 2)
+            del grads
         self._head_inputs = []
-        # [N, rows, L, D] -> [rows, L, N, D]
-        return [torch.cat(chunks, 0).movedim(0, 2) for chunks in per_input]
+        return per_input
 
     def _split_point(self, rows: int) -> torch.Tensor | None:
         """The output projection's input of the last forward, when the backward can split there:
@@ -317,4 +321,6 @@ def nan_future_positions(attr: torch.Tensor, positions: torch.Tensor, valid: tor
     rows = torch.arange(attr.shape[1], device=attr.device).view(1, -1, 1)
     future = (rows >= positions.unsqueeze(1)) | ~valid.unsqueeze(1)
     future = future.view(*future.shape, *([1] * (attr.ndim - 3)))
-    return attr.masked_fill(future, math.nan)
+    # In place (attributions are the engine's own tensors) unless broadcast views share memory.
+    shared = any(stride == 0 and size > 1 for stride, size in zip(attr.stride(), attr.shape))
+    return attr.masked_fill(future, math.nan) if shared else attr.masked_fill_(future, math.nan)

@@ -42,6 +42,9 @@ class AttributionModel:
         self.special_ids = SpecialIds.resolve(model, tokenizer)
         self.embed_scale = self._embed_scale()
         self._default_memory_budget: int | None = None
+        # One pass over the whole sequence needs no key/value cache (time and memory for nothing).
+        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
+        self.forward_defaults: dict[str, Any] = {"use_cache": False} if accepts_cache else {}
         self.default_attribution_method = attribution_method or "saliency"
         get_method(self.default_attribution_method)  # fail early on unknown names
         self.default_attributed_fn_id = "probability"
@@ -298,8 +301,8 @@ class AttributionModel:
             sequences.append(FeatureAttributionSequenceOutput(
                 source=source_tokens,
                 target=target_tokens,
-                source_attributions=src.clone() if src is not None else None,
-                target_attributions=target[i, :rows, :n].clone() if target is not None else None,
+                source_attributions=_owned(src) if src is not None else None,
+                target_attributions=_owned(target[i, :rows, :n]) if target is not None else None,
                 step_scores={k: v[i, :n].clone() for k, v in scores.items()},
                 attr_pos_start=start,
                 attr_pos_end=end,
@@ -307,6 +310,14 @@ class AttributionModel:
             ))
         steps = _step_outputs(sequences, batch) if with_steps else None
         return FeatureAttributionOutput(sequences, steps, {})
+
+
+def _owned(view: torch.Tensor) -> torch.Tensor:
+    """``view`` itself when it is all of its storage (one sequence), else a copy, so that an output
+    never keeps a whole batch's tensor alive through a slice."""
+    if view.is_contiguous() and view.numel() * view.element_size() == view.untyped_storage().nbytes():
+        return view
+    return view.clone()
 
 
 def _step_outputs(sequences: list[FeatureAttributionSequenceOutput], batch: Batch) -> list[FeatureAttributionStepOutput]:

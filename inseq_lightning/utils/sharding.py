@@ -9,12 +9,11 @@ def has_sharded_parameters(model: torch.nn.Module) -> bool:
     the modules are checked as well as the parameters."""
     try:
         from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - old torch
-        FSDPModule = DTensor = ()  # noqa: N806
-    for module in model.modules():
-        if isinstance(module, FSDPModule) or hasattr(module, "_fsdp_wrapped_module"):
-            return True
-        if type(module).__name__ == "FullyShardedDataParallel":
-            return True
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+        FSDPModule = FSDP1 = DTensor = ()
+    if any(isinstance(module, (FSDPModule, FSDP1)) for module in model.modules()):
+        return True
+    # DeepSpeed sets ``ds_id`` as an instance attribute (a dict lookup: hasattr would raise and catch)
+    return any(isinstance(p, DTensor) or "ds_id" in p.__dict__ for p in model.parameters())

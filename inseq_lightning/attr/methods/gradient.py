@@ -37,7 +37,7 @@ class Saliency(AttributionMethod):
 
     def attribute(self, ctx: EngineContext, abs: bool = True, **kwargs) -> MethodResult:
         grads, output = _gradients_at(ctx, ctx.embeddings())
-        grads = [g.abs() if abs else g for g in grads]
+        grads = [g.abs_() if abs else g for g in grads]  # in place: the engine's own tensors
         return MethodResult(*_split(grads, ctx), output)
 
 
