@@ -72,3 +72,25 @@ def test_backward_split_at_the_output_projection_gives_the_full_backward_numbers
         for side in ("source_attributions", "target_attributions"):
             if getattr(a, side) is not None:
                 torch.testing.assert_close(getattr(a, side), getattr(b, side), equal_nan=True, atol=1e-6, rtol=1e-5)
+
+
+def test_default_memory_budget_is_a_quarter_of_the_weights_and_sets_the_steps_per_backward(hf_models, monkeypatch):
+    """A toy model takes one step per backward (its batching would cost more than its weights);
+    a larger budget batches several steps in one vectorised backward, with the same numbers."""
+    from inseq_lightning.attr import engine
+
+    model, tok = hf_models["gpt2"]
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert am.default_memory_budget == weights // 4
+    seeds_per_backward = []
+    original = engine._batched_grad
+    monkeypatch.setattr(engine, "_batched_grad",
+                        lambda out, inputs, seeds, keep: seeds_per_backward.append(len(seeds)) or original(out, inputs, seeds, keep))
+    default = am.attribute("Hello", "Hello world, this is a cat", show_progress=False)[0]
+    n = default.attr_pos_end - default.attr_pos_start
+    assert seeds_per_backward == [1] * n
+    seeds_per_backward.clear()
+    batched = am.attribute("Hello", "Hello world, this is a cat", memory_budget_bytes=2**30, show_progress=False)[0]
+    assert seeds_per_backward == [n]
+    torch.testing.assert_close(default.target_attributions, batched.target_attributions, equal_nan=True)

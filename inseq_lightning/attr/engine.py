@@ -236,19 +236,19 @@ class EngineContext:
         else:
             seeds_of = self._score_seeds(rows, n, scores)
             outputs = scores
-        # Written in place chunk by chunk, in the final [rows, L, N, ...] layout: no second copy of
-        # every step's gradients at the end.
-        per_input = [x.new_zeros((*x.shape[:2], n, *x.shape[2:])) for x in inputs]
+        # Chunks are joined after the last backward has freed the forward's graph, so that the
+        # joined copy never coexists with the graph.
+        per_input: list[list[torch.Tensor]] = [[] for _ in inputs]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
             grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
             for i, g in enumerate(grads):
-                if g is not None:  # [steps, rows, L, D] -> [rows, L, steps, D]
-                    per_input[i][:, :, start : steps.stop] = g.movedim(0, 2)
+                per_input[i].append(g.movedim(0, 2))  # [steps, rows, L, D] -> [rows, L, steps, D]
             del grads
+        outputs = seeds_of = head = None  # the graph goes with the last references to it
         self._head_inputs = []
-        return per_input
+        return [torch.cat(chunks, 2) if len(chunks) > 1 else chunks[0].contiguous() for chunks in per_input]
 
     def _split_point(self, rows: int) -> torch.Tensor | None:
         """The output projection's input of the last forward, when the backward can split there:
