@@ -114,7 +114,8 @@ class EngineContext:
         callback, which reshards the root's parameters that the rest of the backward still needs."""
         self._head_inputs = []
         head = self.model.model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Module) or self.sharded:
+        # A Linear maps each row on its own, which is what makes the split exact.
+        if not isinstance(head, torch.nn.Linear) or self.sharded:
             yield
             return
         handle = head.register_forward_hook(lambda module, args, output: self._head_inputs.append(args[0]))
