@@ -37,6 +37,7 @@ test: $(PY) browser
 	$(PY) -m pip install -q --no-deps "inseq==0.7.1"
 	$(PY) -m pip install -q "jaxtyping>=0.2.25" "typeguard<=2.13.3" "treescope>=0.1" "tqdm>=4.64"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m ruff check inseq_lightning tests benchmarks examples
 	$(PY) -m pytest -q -p no:logging --timeout 900 tests
 
 bench: $(PY)

@@ -77,9 +77,10 @@ def time_workload(name: str, repeats: int) -> dict[str, float]:
 
 
 def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 

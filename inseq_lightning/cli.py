@@ -1,6 +1,7 @@
 """Command line: ``inseq-lightning attribute`` attributes texts and writes the HTML, JSON and console views."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def drift_command(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right")
 
     def mean(report, read):
-        values = [v for v in (read(r) for r in report.results) if v is not None and v == v]
+        values = [v for v in (read(r) for r in report.results) if v is not None and not math.isnan(v)]
         return f"{sum(values) / len(values):.3f}" if values else "-"
 
     for report in reports:

@@ -6,7 +6,7 @@ added, UNK token) and Marian (encoder-decoder, ``embed_scale = sqrt(d_model)`` a
 embedding layer, decoder start = PAD).
 """
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -46,21 +46,21 @@ def _train(special: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     tok = _train(["<|endoftext|>"], 400)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>")
 
 
-@lru_cache(maxsize=None)
+@cache
 def llama_tokenizer() -> PreTrainedTokenizerFast:
     tok = _train(["<unk>", "<s>", "</s>"], 400)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@lru_cache(maxsize=None)
+@cache
 def marian_tokenizer() -> PreTrainedTokenizerFast:
     tok = _train(["</s>", "<unk>", "<pad>"], 400)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", 0)])

@@ -4,13 +4,12 @@ import csv
 from pathlib import Path
 
 import pytest
+from wandb_reader import history_rows
 
 from inseq_lightning.demo import models
 from inseq_lightning.demo.run import build_parser, run, summarise
 from inseq_lightning.demo.task import make_dataset, make_probes
 from inseq_lightning.errors import ModelLoadingError
-
-from wandb_reader import history_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

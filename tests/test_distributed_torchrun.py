@@ -32,7 +32,7 @@ def torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.Complete
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(_free_port()),
                str(HERE / "distributed" / script), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

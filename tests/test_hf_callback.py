@@ -9,12 +9,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer, TrainingArguments, set_seed
+from wandb_reader import history_rows
 
 from inseq_lightning.callbacks import AttributionCallback
 from inseq_lightning.demo.module import PairsCollator
 from inseq_lightning.demo.task import make_dataset, make_probes
-
-from wandb_reader import history_rows
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 PAIRS = [(e.prompt, e.answer) for e in make_dataset(32, seed=0)]

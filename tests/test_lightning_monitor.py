@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_reader import history_rows
 
 from inseq_lightning import FeatureAttributionOutput
 from inseq_lightning.callbacks import AttributionMonitor
@@ -24,8 +25,6 @@ from inseq_lightning.demo.module import PairsLM
 from inseq_lightning.demo.task import make_dataset, make_probes
 from inseq_lightning.monitor import AttributionMonitorWarning, MonitoringError, Probe
 from inseq_lightning.sinks import Sink
-
-from wandb_reader import history_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PAIRS = [(e.prompt, e.answer) for e in make_dataset(32, seed=0)]

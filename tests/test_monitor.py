@@ -53,7 +53,7 @@ def test_column_drift_matches_hand_computed_values():
     d = column_drift(a, b, n_source=3)
     assert d["cosine"] == pytest.approx((0.06 + 0.09 + 0.06) / (0.46))
     m = (np.array([0.6, 0.3, 0.1]) + np.array([0.1, 0.3, 0.6])) / 2
-    kl = lambda p: float((p * np.log2(p / m)).sum())  # noqa: E731
+    kl = lambda p: float((p * np.log2(p / m)).sum())
     assert d["js_divergence"] == pytest.approx(0.5 * kl(np.array([0.6, 0.3, 0.1])) + 0.5 * kl(np.array([0.1, 0.3, 0.6])))
     assert d["spearman"] == pytest.approx(-1.0)
     assert d["top1_agreement"] == 0.0
@@ -138,7 +138,7 @@ def _snapshot(model):
 def test_monitor_leaves_the_model_and_rng_untouched_under_inference_mode(hf_pair, family):
     model, tok = hf_pair
     model.train()
-    first_block = next(m for n, m in model.named_modules() if n.endswith(".0") or n.endswith("layers.0"))
+    first_block = next(m for n, m in model.named_modules() if n.endswith((".0", "layers.0")))
     first_block.eval()  # a frozen submodule must stay in eval mode
     model.get_input_embeddings().weight.requires_grad_(False)
     for p in list(model.parameters())[-3:]:

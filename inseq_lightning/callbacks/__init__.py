@@ -1,6 +1,6 @@
 """Training-framework adapters onto the monitor. Each imports its framework only when asked for."""
 
-__all__ = ["AttributionMonitor", "AttributionCallback"]
+__all__ = ["AttributionCallback", "AttributionMonitor"]
 
 
 def __getattr__(name):

@@ -9,8 +9,8 @@ import torch
 
 from ..attr.step_functions import step_function_aggregate_map
 from .aggregation import (
-    DEFAULT_AGGREGATORS,
     AGGREGATION_FUNCTIONS,
+    DEFAULT_AGGREGATORS,
     get_aggregation_function,
     merge_spans,
     normalize_columns,

@@ -6,6 +6,7 @@ Loading only parses JSON and safetensors: nothing is ever unpickled.
 import base64
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _to_json(value: Any, precision: str, use_primitives: bool) -> Any:
         return {k: _to_json(v, precision, use_primitives) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_to_json(v, precision, use_primitives) for v in value]
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return {"__nan__": True}
     if value is None or isinstance(value, str | int | float | bool):
         return value

@@ -110,7 +110,7 @@ def summarise(result: dict) -> None:
         table.add_column(column, justify="right")
     names = list(monitor.history.probes)
     for k, row in enumerate(monitor.history.probes[names[0]].rows):
-        def mean(key):
+        def mean(key, k=k):
             values = [monitor.history.probes[n].rows[k].get(key) for n in names]
             values = [v for v in values if v is not None]
             return f"{sum(values) / len(values):.3f}" if values else "-"

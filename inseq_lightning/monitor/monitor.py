@@ -131,11 +131,12 @@ class ProbeMonitor:
                 chunk = probes[start : start + self.batch_size]
                 try:
                     out = self._attribute(wrapper, chunk)
+                except Exception:  # noqa: BLE001 - retried below probe by probe, which reports the culprit
+                    out = None
+                if out is not None:
                     outputs.update({p.name: FeatureAttributionOutput([seq], dict(out.info))
                                     for p, seq in zip(chunk, out.sequence_attributions)})
                     continue
-                except Exception:  # noqa: BLE001 - isolate below, probe by probe
-                    pass
                 for probe in chunk:
                     try:
                         outputs[probe.name] = self._attribute(wrapper, [probe])
@@ -256,4 +257,4 @@ def _changes(now: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: now[k] - before[k] for k in now if k in before and not math.isnan(before[k])}
 
 
-__all__ = ["ProbeMonitor", "AttributionMonitorWarning", "MonitoringError"]
+__all__ = ["AttributionMonitorWarning", "MonitoringError", "ProbeMonitor"]

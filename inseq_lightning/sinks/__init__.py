@@ -4,7 +4,7 @@ from .base import Sink
 from .files import FileSink
 from .tensorboard import TensorBoardSink, write_plugin_html
 
-__all__ = ["Sink", "FileSink", "TensorBoardSink", "write_plugin_html", "WandbSink"]
+__all__ = ["FileSink", "Sink", "TensorBoardSink", "WandbSink", "write_plugin_html"]
 
 
 def __getattr__(name):  # wandb is optional: import it only when asked for

@@ -3,11 +3,11 @@
 import html as html_lib
 import math
 
-from ..monitor.drift import DRIFT_METRICS
-from ..monitor.report import MonitorReport, ProbeResult
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..monitor.drift import DRIFT_METRICS
+from ..monitor.report import MonitorReport, ProbeResult
 from ..viz.figure import attribution_figure, figure_to_rgb
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid

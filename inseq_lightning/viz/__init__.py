@@ -42,7 +42,8 @@ def show_attributions(
     html = attributions_html(sequences, min_val, max_val) if (return_html or (display and _in_notebook())) else None
     if display:
         if _in_notebook():
-            from IPython.display import HTML, display as ipy_display
+            from IPython.display import HTML
+            from IPython.display import display as ipy_display
 
             ipy_display(HTML(html))
         else:
@@ -50,4 +51,4 @@ def show_attributions(
     return html if return_html else None
 
 
-__all__ = ["show_attributions", "attributions_html", "print_attributions"]
+__all__ = ["attributions_html", "print_attributions", "show_attributions"]

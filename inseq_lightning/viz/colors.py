@@ -25,7 +25,7 @@ def rgb(value: float, min_val: float, max_val: float) -> tuple[int, int, int]:
     else:
         x = (value - min_val) / (max_val - min_val)
         x = max(0.0, min(1.0, x))
-    fade = int(round(255 * (1 - abs(x))))
+    fade = round(255 * (1 - abs(x)))
     return (255, fade, fade) if x >= 0 else (fade, fade, 255)
 
 

@@ -5,13 +5,13 @@ import math
 import matplotlib
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ..data.outputs import FeatureAttributionSequenceOutput  # noqa: E402
-from .colors import score_range  # noqa: E402
-from .layout import build_grid  # noqa: E402
-from .tokens import display_token  # noqa: E402
+from ..data.outputs import FeatureAttributionSequenceOutput
+from .colors import score_range
+from .layout import build_grid
+from .tokens import display_token
 
 # Cell values are written into small heatmaps only: each label is a matplotlib artist, and a
 # 35 x 5 map spends most of its drawing time on them (trackers show the colours anyway).

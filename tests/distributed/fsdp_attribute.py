@@ -12,17 +12,17 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard  # noqa: E402
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from inseq_lightning.demo.task import make_probes  # noqa: E402
-from inseq_lightning.monitor import ProbeMonitor  # noqa: E402
-from inseq_lightning.monitor.distributed import has_sharded_parameters  # noqa: E402
-from inseq_lightning.sinks import FileSink  # noqa: E402
-from inseq_lightning.tiny_models import tiny_gpt2  # noqa: E402
+from inseq_lightning.demo.task import make_probes
+from inseq_lightning.monitor import ProbeMonitor
+from inseq_lightning.monitor.distributed import has_sharded_parameters
+from inseq_lightning.sinks import FileSink
+from inseq_lightning.tiny_models import tiny_gpt2
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-from transformers import Trainer, TrainingArguments, set_seed  # noqa: E402
+from transformers import Trainer, TrainingArguments, set_seed
 
-from inseq_lightning.callbacks import AttributionCallback  # noqa: E402
-from inseq_lightning.demo.module import PairsCollator  # noqa: E402
-from inseq_lightning.demo.task import make_dataset, make_probes  # noqa: E402
-from inseq_lightning.tiny_models import tiny_gpt2  # noqa: E402
+from inseq_lightning.callbacks import AttributionCallback
+from inseq_lightning.demo.module import PairsCollator
+from inseq_lightning.demo.task import make_dataset, make_probes
+from inseq_lightning.tiny_models import tiny_gpt2
 
 out = Path(sys.argv[1])
 set_seed(0)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
 
-from inseq_lightning.demo.task import make_probes  # noqa: E402
-from inseq_lightning.monitor import MonitoringError, Probe, ProbeMonitor  # noqa: E402
-from inseq_lightning.tiny_models import tiny_gpt2  # noqa: E402
+from inseq_lightning.demo.task import make_probes
+from inseq_lightning.monitor import MonitoringError, Probe, ProbeMonitor
+from inseq_lightning.tiny_models import tiny_gpt2
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

@@ -18,13 +18,13 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from inseq_lightning.demo.module import PairsCollator, PairsLM  # noqa: E402
-from inseq_lightning.demo.task import make_dataset, make_probes  # noqa: E402
-from inseq_lightning.monitor import ProbeMonitor  # noqa: E402
-from inseq_lightning.tiny_models import tiny_gpt2  # noqa: E402
+from inseq_lightning.demo.module import PairsCollator, PairsLM
+from inseq_lightning.demo.task import make_dataset, make_probes
+from inseq_lightning.monitor import ProbeMonitor
+from inseq_lightning.tiny_models import tiny_gpt2
 
 PAIRS = [(e.prompt, e.answer) for e in make_dataset(64)]
 PROBES = make_probes(3)

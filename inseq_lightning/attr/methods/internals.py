@@ -10,7 +10,7 @@ from .base import AttributionMethod, MethodResult, register_method
 def _rows_at_steps(attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``[B, layers, heads, Q, K]`` -> ``[B, K, N, layers, heads]``: the attention row of the query
     that predicts each step (position - 1)."""
-    b, layers, heads, q, k = attn.shape
+    b, layers, heads, _, k = attn.shape
     index = (positions - 1).view(b, 1, 1, -1, 1).expand(b, layers, heads, positions.shape[1], k)
     rows = attn.gather(3, index)  # [B, layers, heads, N, K]
     return rows.permute(0, 4, 3, 1, 2)
