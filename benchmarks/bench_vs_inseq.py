@@ -26,13 +26,14 @@ WORKLOADS = {
     "small": "GPT-2-small shape (12x768), saliency + probability",
     "small-vocab": "GPT-2-small shape, GPT-2's 50257-token vocabulary, saliency + probability",
     "tiny-attention": "tiny GPT-2 (2x64), attention",
+    "small-vocab-attention": "GPT-2-small shape, 50257-token vocabulary, attention",
 }
 
 
 def workload(name: str):
     from inseq_lightning.tiny_models import gpt2_tokenizer, tiny_gpt2
 
-    if name == "small-vocab":  # the real GPT-2 output layer: 50257 x 768 (ids stay in the trained 400)
+    if name.startswith("small-vocab"):  # the real GPT-2 output layer: 50257 x 768 (ids stay in the trained 400)
         model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
     elif name.startswith("small"):
         model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12)

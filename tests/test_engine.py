@@ -94,3 +94,19 @@ def test_default_memory_budget_is_a_quarter_of_the_weights_and_sets_the_steps_pe
     batched = am.attribute("Hello", "Hello world, this is a cat", memory_budget_bytes=2**30, show_progress=False)[0]
     assert seeds_per_backward == [n]
     torch.testing.assert_close(default.target_attributions, batched.target_attributions, equal_nan=True)
+
+
+def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numbers(hf_models):
+    model, tok = hf_models["llama"]
+    am = il.load_model(model, "attention", tokenizer=tok)
+    rows_seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[1]))
+    try:
+        bare = am.attribute("The cat", "The cat sat on the mat", show_progress=False)[0]
+        scored = am.attribute("The cat", "The cat sat on the mat", step_scores=["probability"], show_progress=False)[0]
+    finally:
+        handle.remove()
+    length = len(scored.target)
+    assert rows_seen == [1, length]  # no step scores: one position through lm_head; with them: all
+    torch.testing.assert_close(bare.target_attributions, scored.target_attributions, equal_nan=True)
+    assert scored.step_scores["probability"].shape == (scored.attr_pos_end - scored.attr_pos_start,)

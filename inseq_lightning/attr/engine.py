@@ -51,6 +51,7 @@ class EngineContext:
     score_kwargs: dict[str, Any]
     attribute_target: bool
     memory_budget_bytes: int | None = None  # None: default_memory_budget(model)
+    needs_logits: bool = True  # False when no step scores are asked for: a pass may skip the output layer
     positions: torch.Tensor = field(init=False)
     valid: torch.Tensor = field(init=False)
 

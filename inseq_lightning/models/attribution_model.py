@@ -45,6 +45,8 @@ class AttributionModel:
         # One pass over the whole sequence needs no key/value cache (time and memory for nothing).
         accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
         self.forward_defaults: dict[str, Any] = {"use_cache": False} if accepts_cache else {}
+        # Passes that read no logits (attention without step scores) can skip the output layer.
+        self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.default_attribution_method = attribution_method or "saliency"
         get_method(self.default_attribution_method)  # fail early on unknown names
         self.default_attributed_fn_id = "probability"
@@ -245,7 +247,8 @@ class AttributionModel:
 
     def _attribute_batch(self, batch: Batch, attribution, score_fn, method_kwargs, score_kwargs, step_fns,
                          attribute_target, output_step_attributions, memory_budget_bytes) -> FeatureAttributionOutput:
-        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes)
+        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes,
+                            needs_logits=bool(step_fns))
         with preserve_model_state(self.model), torch.inference_mode(False), torch.enable_grad():
             # Attributions describe the deterministic model: dropout off for the pass, modes restored after.
             self.model.eval()

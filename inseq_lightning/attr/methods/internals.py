@@ -30,8 +30,11 @@ class AttentionWeights(AttributionMethod):
         if original not in (None, "eager"):
             set_attn_implementation(model, "eager")
         try:
+            # Without step scores nothing reads the logits: one position is enough (with a 50k
+            # vocabulary the output layer is a large share of the forward).
+            skip = {"logits_to_keep": 1} if not ctx.needs_logits and ctx.model.can_skip_logits else {}
             with torch.no_grad():
-                output = ctx.forward(ctx.embeddings(), output_attentions=True)
+                output = ctx.forward(ctx.embeddings(), output_attentions=True, **skip)
         finally:
             if original not in (None, "eager"):
                 set_attn_implementation(model, original)
