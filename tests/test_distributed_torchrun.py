@@ -33,7 +33,11 @@ def torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.Complete
                "--master_port", str(_free_port()),
                str(HERE / "distributed" / script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if result.returncode != 0:
+        # torchrun's summary fills the tail; the ranks' own errors (a C++ abort, a traceback) come earlier
+        clues = [line for line in result.stderr.splitlines()
+                 if any(word in line for word in ("Error", "error", "terminate", "Traceback", "Signal", "abort"))]
+        pytest.fail("torchrun failed:\n" + "\n".join(clues[-40:]) + "\n--- stdout tail ---\n" + result.stdout[-2000:])
     return result
 
 
