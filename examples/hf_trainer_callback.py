@@ -35,5 +35,7 @@ trainer.train()
 
 if trainer.is_world_process_zero():
     for row in callback.history.probes["leo"].rows:
-        print(f"step {row['step']:>3} ({callback.checkpoints.get(str(row['step']), 'not saved')}): "
+        # callback.checkpoints: the checkpoint saved next after each attributed step (exactly its weights when
+        # the steps coincide)
+        print(f"step {row['step']:>3} (next checkpoint: {callback.checkpoints.get(str(row['step']), 'none')}): "
               f"p={row['step_score/probability']:.4f} evidence mass={row['evidence_mass']:.3f}")
