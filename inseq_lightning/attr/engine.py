@@ -245,7 +245,9 @@ class EngineContext:
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
             grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
-            for i, g in enumerate(grads):
+            for i, (g, x) in enumerate(zip(grads, inputs)):
+                if g is None:  # an input the scores do not depend on: zero gradient
+                    g = x.new_zeros((len(steps), *x.shape))
                 per_input[i].append(g.movedim(0, 2))  # [steps, rows, L, D] -> [rows, L, steps, D]
             del grads
         outputs = seeds_of = head = None  # the graph goes with the last references to it

@@ -42,11 +42,11 @@ class AttributionModel:
         self.special_ids = SpecialIds.resolve(model, tokenizer)
         self.embed_scale = self._embed_scale()
         self._default_memory_budget: int | None = None
+        forward_parameters = inspect.signature(model.forward).parameters
         # One pass over the whole sequence needs no key/value cache (time and memory for nothing).
-        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
-        self.forward_defaults: dict[str, Any] = {"use_cache": False} if accepts_cache else {}
+        self.forward_defaults: dict[str, Any] = {"use_cache": False} if "use_cache" in forward_parameters else {}
         # Passes that read no logits (attention without step scores) can skip the output layer.
-        self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.can_skip_logits = "logits_to_keep" in forward_parameters
         self.default_attribution_method = attribution_method or "saliency"
         get_method(self.default_attribution_method)  # fail early on unknown names
         self.default_attributed_fn_id = "probability"
