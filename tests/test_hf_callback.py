@@ -19,11 +19,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 PAIRS = [(e.prompt, e.answer) for e in make_dataset(32, seed=0)]
 
 
-def _trainer(hf_models, out, callbacks=(), report_to="none", max_steps=4, resume_state=False, **args):
+def _trainer(hf_models, out, callbacks=(), report_to="none", max_steps=4, resume_state=False, wrap=None, **args):
     model, tok = hf_models["gpt2"]
     set_seed(0)
     model = copy.deepcopy(model)
     model.train()
+    model = wrap(model) if wrap is not None else model
     arguments = TrainingArguments(**{
         "output_dir": str(out), "max_steps": max_steps, "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "eval_strategy": "steps",
@@ -136,3 +137,24 @@ def test_without_trainer_tensorboard_gets_its_own_run_and_a_hint(hf_models, tmp_
         trainer.train()
     own = tmp_path / "out" / "runs" / "attributions"
     assert list(own.glob("events.out.tfevents.*")) and (own / "plugins" / "inseq_lightning" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("how", ["torch_compile argument", "compiled before the Trainer"])
+def test_compiled_model_is_attributed_through_its_original_module(hf_models, tmp_path, how):
+    """A compiled model (the Trainer's ``torch_compile=True`` or a model compiled by the user) is an
+    ``OptimizedModule``: the callback attributes the original module (same weights, eager)."""
+    from inseq_lightning.monitor import ProbeMonitor
+
+    if how == "torch_compile argument":
+        trainer = _trainer(hf_models, tmp_path / "out", torch_compile=True, torch_compile_backend="eager")
+    else:
+        trainer = _trainer(hf_models, tmp_path / "out", wrap=lambda m: torch.compile(m, backend="eager"))
+    callback = AttributionCallback.attach(trainer, make_probes(2), step_scores=("probability",), strict=True)
+    trainer.train()
+    assert [r.step for r in callback.reports] == [0, 2, 4]
+    assert type(callback.monitor._wrapper_cache.model).__name__ == "GPT2LMHeadModel"  # not through dynamo
+    eager = getattr(trainer.model, "_orig_mod", trainer.model)
+    expected, _ = ProbeMonitor(make_probes(2), step_scores=("probability",)).attribute_probes(eager, trainer.processing_class)
+    for result in callback.reports[-1].results:
+        assert result.step_scores["probability"] == pytest.approx(
+            expected[result.probe.name][0].step_scores["probability"].mean().item(), rel=1e-5)

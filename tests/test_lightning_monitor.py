@@ -267,3 +267,21 @@ def test_wrapped_models_are_unwrapped(hf_models, tmp_path):
     monitor = AttributionMonitor(make_probes(1), save_files=True)
     _trainer(tmp_path, [monitor], max_steps=1).fit(module)
     assert monitor.model is inner and [r.step for r in monitor.reports] == [0, 1]
+
+
+def test_compiled_model_is_attributed_through_its_original_module(hf_models, tmp_path):
+    """``torch.compile`` wraps the model in an ``OptimizedModule``: the monitor attributes the
+    original module (same weights, eager), so attribution passes never trigger recompilation."""
+    module = _module(hf_models)
+    module.model = torch.compile(module.model, backend="eager")
+    monitor = AttributionMonitor(make_probes(2), every_n_train_steps=2, step_scores=("probability",))
+    _trainer(tmp_path, [monitor], max_steps=4).fit(module)
+    assert [r.step for r in monitor.reports] == [0, 2, 4]
+    from inseq_lightning.monitor import ProbeMonitor
+
+    eager, _ = ProbeMonitor(make_probes(2), step_scores=("probability",)).attribute_probes(
+        module.model._orig_mod, module.tokenizer)
+    for result in monitor.reports[-1].results:
+        expected = eager[result.probe.name][0]
+        assert result.step_scores["probability"] == pytest.approx(expected.step_scores["probability"].mean().item(),
+                                                                  rel=1e-5)

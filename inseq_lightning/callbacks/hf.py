@@ -125,11 +125,13 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
     # ---- set-up -------------------------------------------------------------------------------
     def _model(self, kwargs):
         if self.trainer is not None:  # FSDP/DeepSpeed wrap trainer.model: attribute the model inside
-            return self.trainer.accelerator.unwrap_model(self.trainer.model)
-        model = kwargs.get("model")
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        else:
+            model = kwargs.get("model")
         if model is None:
             raise ValueError("AttributionCallback got no model from the Trainer; pass trainer= (see attach())")
-        return model
+        # A model compiled before it reached the Trainer: attribute the original module (same weights, eager)
+        return getattr(model, "_orig_mod", model)
 
     def _tokenizer_from(self, kwargs):
         tokenizer = self._tokenizer or kwargs.get("processing_class")

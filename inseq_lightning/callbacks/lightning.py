@@ -117,7 +117,9 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             if not isinstance(model, PreTrainedModel) and isinstance(pl_module, PreTrainedModel):
                 model = pl_module
         while model is not None and not isinstance(model, PreTrainedModel):
-            if hasattr(model, "get_base_model"):  # PEFT: attribute the base model, adapters included
+            if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule: same weights, attributed eagerly
+                model = model._orig_mod
+            elif hasattr(model, "get_base_model"):  # PEFT: attribute the base model, adapters included
                 model = model.get_base_model()
             elif hasattr(model, "module"):  # DDP / FSDP1 wrappers keep the wrapped model in .module
                 model = model.module
