@@ -110,7 +110,7 @@ def peak_memory(name: str, library: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--memory-repeats", type=int, default=5)
     parser.add_argument("--memory-child", nargs=2)
     parser.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (default: all)")
     args = parser.parse_args()
