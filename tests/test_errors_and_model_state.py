@@ -65,6 +65,8 @@ def bad_calls(am, texts):
         "mismatched lengths": (InvalidInputError, lambda: am.attribute([src, src], [tgt], show_progress=False)),
         "too long": (InvalidInputError, lambda: am.attribute(src, tgt + " word" * 200, show_progress=False)),
         "unknown kwarg": (InvalidInputError, lambda: am.attribute(src, tgt, n_stepz=3, show_progress=False)),
+        "negative memory budget": (InvalidInputError,
+                                   lambda: am.attribute(src, tgt, memory_budget_bytes=-1, show_progress=False)),
     }
     if decoder_only:
         calls["target without prompt"] = (InvalidInputError,

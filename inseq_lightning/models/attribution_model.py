@@ -154,6 +154,11 @@ class AttributionModel:
         if not input_list:
             raise InvalidInputError("input_texts is empty; pass at least one text")
         check_texts("input_texts", input_list)
+        if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
+            raise InvalidInputError(
+                f"memory_budget_bytes must be a number of bytes >= 0 (0: one step per backward) or None for the "
+                f"default, got {memory_budget_bytes!r}"
+            )
         method_name = method or self.default_attribution_method
         attribution = get_method(method_name)
         if override_default_attribution:
