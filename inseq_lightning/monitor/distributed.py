@@ -19,8 +19,6 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from ..utils.sharding import has_sharded_parameters  # noqa: F401  (re-exported: the monitor picks its protocol with it)
-
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():

@@ -19,7 +19,8 @@ from ..attr.step_functions import get_step_function
 from ..data.outputs import FeatureAttributionOutput
 from ..errors import InseqLightningError
 from ..models.attribution_model import AttributionModel
-from .distributed import all_gather_objects, has_sharded_parameters, my_share, rank_and_world, root_parameters_gathered
+from ..utils.sharding import has_sharded_parameters
+from .distributed import all_gather_objects, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import evidence_rows
 from .guards import attribution_guard

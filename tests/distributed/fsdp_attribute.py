@@ -20,9 +20,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from inseq_lightning.demo.task import make_probes
 from inseq_lightning.monitor import ProbeMonitor
-from inseq_lightning.monitor.distributed import has_sharded_parameters
 from inseq_lightning.sinks import FileSink
 from inseq_lightning.tiny_models import tiny_gpt2
+from inseq_lightning.utils.sharding import has_sharded_parameters
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
