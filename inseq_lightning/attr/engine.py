@@ -51,7 +51,10 @@ class EngineContext:
     score_kwargs: dict[str, Any]
     attribute_target: bool
     memory_budget_bytes: int | None = None  # None: default_memory_budget(model)
-    needs_logits: bool = True  # False when no step scores are asked for: a pass may skip the output layer
+    # ``(ctx, [B, N, V] step logits at the real inputs) -> {name: [B, N]}``; None when no step
+    # scores are asked for. It takes the context as an argument: a closure over it would be a cycle.
+    step_scorer: Callable[["EngineContext", torch.Tensor], dict[str, torch.Tensor]] | None = None
+    step_score_values: dict[str, torch.Tensor] | None = field(init=False, default=None)
     positions: torch.Tensor = field(init=False)
     valid: torch.Tensor = field(init=False)
 
@@ -66,6 +69,12 @@ class EngineContext:
             # view of the parameters holds only its shard: a fixed budget keeps them in lockstep.
             budget = SHARDED_MEMORY_BUDGET_BYTES if self.sharded else self.model.default_memory_budget
             self.memory_budget_bytes = budget
+
+    @property
+    def needs_logits(self) -> bool:
+        """False when no step scores are asked for: a pass that only reads internals may skip the
+        output layer."""
+        return self.step_scorer is not None
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -205,9 +214,27 @@ class EngineContext:
             forward_again=forward_again,
         )
 
-    def scores(self, output: ModelOutput) -> torch.Tensor:
-        """``[R*B, N]`` values of the attributed function for every step (0 on padding steps)."""
+    def attributed_scores(self, output: ModelOutput, at_real_inputs: bool = False) -> torch.Tensor:
+        """The attributed function's scores of a forward (see :meth:`scores`). A forward on the
+        real (unperturbed, unrepeated) inputs also gives the step scores, computed here at once.
+
+        Nothing outlives this call but the scores' graph: the graph does not save the full
+        ``[R*B, T, V]`` logits nor, once the step scores are taken, their step rows, so both are
+        freed before the backward (with a 50k vocabulary that is most of a small model's peak)."""
         logits = self.step_logits(output.logits)
+        if at_real_inputs:
+            self.record_step_scores(logits)
+        return self.scores(logits)
+
+    def record_step_scores(self, step_logits: torch.Tensor) -> None:
+        """Step scores from ``[B, N, V]`` step logits at the real inputs (the first such call wins)."""
+        if self.step_scorer is not None and self.step_score_values is None:
+            with torch.no_grad():
+                self.step_score_values = self.step_scorer(self, step_logits.detach())
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[R*B, N]`` values of the attributed function for every step (0 on padding steps), from
+        the ``[R*B, N, V]`` step logits (:meth:`step_logits`)."""
         args = self.step_function_args(logits, is_attributed_fn=True)
         values = self.score_fn(args, **self._score_kwargs)
         values = values.reshape(logits.shape[0], logits.shape[1]).to(logits.dtype)
@@ -232,27 +259,30 @@ class EngineContext:
         head = self._split_point(rows)
         if head is not None:
             # Every step's gradient at the output projection's input, in one ordinary backward.
-            (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=True)
+            # Without retain_graph this frees what only the part above the head saved (the
+            # softmax over the vocabulary); the part below is not run, so it keeps its buffers.
+            (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=retain_graph)
             seeds_of = self._head_seeds(head_grad)
             outputs = head
         else:
             seeds_of = self._score_seeds(rows, n, scores)
             outputs = scores
-        # Chunks are joined after the last backward has freed the forward's graph, so that the
-        # joined copy never coexists with the graph.
-        per_input: list[list[torch.Tensor]] = [[] for _ in inputs]
+        # Each chunk's gradients go straight into the result, allocated once up front: the heap
+        # then reuses one hole for every chunk's temporary instead of stacking them up beside the
+        # graph's buffers, and there is no join (a second copy) at the end.
+        results = [x.new_empty((x.shape[0], x.shape[1], n, *x.shape[2:])) for x in inputs]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
             grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
-            for i, (g, x) in enumerate(zip(grads, inputs)):
+            for result, g in zip(results, grads):
                 if g is None:  # an input the scores do not depend on: zero gradient
-                    g = x.new_zeros((len(steps), *x.shape))
-                per_input[i].append(g.movedim(0, 2))  # [steps, rows, L, D] -> [rows, L, steps, D]
+                    result[:, :, steps.start : steps.stop].zero_()
+                else:  # [steps, rows, L, D] -> [rows, L, steps, D]
+                    result[:, :, steps.start : steps.stop] = g.movedim(0, 2)
             del grads
-        outputs = seeds_of = head = None  # the graph goes with the last references to it
         self._head_inputs = []
-        return [torch.cat(chunks, 2) if len(chunks) > 1 else chunks[0].contiguous() for chunks in per_input]
+        return results
 
     def _split_point(self, rows: int) -> torch.Tensor | None:
         """The output projection's input of the last forward, when the backward can split there:

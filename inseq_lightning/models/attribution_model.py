@@ -1,5 +1,6 @@
 """AttributionModel: a Hugging Face model + tokenizer that can attribute its own predictions."""
 
+import functools
 import inspect
 import logging
 import time
@@ -252,8 +253,9 @@ class AttributionModel:
 
     def _attribute_batch(self, batch: Batch, attribution, score_fn, method_kwargs, score_kwargs, step_fns,
                          attribute_target, output_step_attributions, memory_budget_bytes) -> FeatureAttributionOutput:
-        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes,
-                            needs_logits=bool(step_fns))
+        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes)
+        if step_fns:
+            ctx.step_scorer = functools.partial(self._step_scores, step_fns=step_fns, step_kwargs=score_kwargs["steps"])
         with preserve_model_state(self.model), torch.inference_mode(False), torch.enable_grad():
             # Attributions describe the deterministic model: dropout off for the pass, modes restored after.
             self.model.eval()
@@ -265,30 +267,28 @@ class AttributionModel:
                 for parameter in self.model.parameters():
                     parameter.requires_grad_(False)
             result = attribution.attribute(ctx, **method_kwargs)
-            scores = self._step_scores(ctx, result.output, step_fns, score_kwargs["steps"])
+            if step_fns and ctx.step_score_values is None:  # the method never ran the real inputs
+                with torch.no_grad():
+                    ctx.record_step_scores(ctx.step_logits(ctx.forward(ctx.embeddings()).logits))
+            scores = ctx.step_score_values or {}
         source = result.source.detach().float().cpu() if result.source is not None else None
         target = result.target.detach().float().cpu() if result.target is not None else None
         if target is not None:
             target = nan_future_positions(target, ctx.positions.cpu(), ctx.valid.cpu())
         return self._sequence_outputs(batch, attribution.granularity, source, target, scores, output_step_attributions)
 
-    def _step_scores(self, ctx: EngineContext, output, step_fns, step_kwargs) -> dict[str, torch.Tensor]:
-        if not step_fns:
-            return {}
-        with torch.no_grad():
-            if output is None:
-                output = ctx.forward(ctx.embeddings())
-            logits = ctx.step_logits(output.logits.detach())
+    def _step_scores(self, ctx: EngineContext, logits, step_fns, step_kwargs) -> dict[str, torch.Tensor]:
+        """``{name: [B, N]}`` step scores from the detached ``[B, N, V]`` step logits at the real inputs."""
 
-            def forward_again() -> torch.Tensor:
-                fresh = ctx.step_logits(ctx.forward(ctx.embeddings()).logits)
-                return fresh.reshape(-1, fresh.shape[-1])
+        def forward_again() -> torch.Tensor:
+            fresh = ctx.step_logits(ctx.forward(ctx.embeddings()).logits)
+            return fresh.reshape(-1, fresh.shape[-1])
 
-            args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
-            scores = {}
-            for name, fn in step_fns.items():
-                values = fn(args, **step_function_kwargs(fn, step_kwargs))
-                scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().cpu()
+        args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
+        scores = {}
+        for name, fn in step_fns.items():
+            values = fn(args, **step_function_kwargs(fn, step_kwargs))
+            scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().cpu()
         return scores
 
     def _sequence_outputs(self, batch: Batch, granularity, source, target, scores, with_steps) -> FeatureAttributionOutput:

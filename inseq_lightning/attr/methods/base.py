@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import torch
-from transformers.utils import ModelOutput
 
 from ...errors import UnknownMethodError
 from ...utils.registry import Registry
@@ -17,13 +16,10 @@ class MethodResult:
     Attributes:
         source: ``[B, S, N, ...]`` encoder-side scores (encoder-decoder only) or None.
         target: ``[B, T, N, ...]`` decoder-side scores or None.
-        output: the model output at the real (unperturbed) inputs, reused for step scores; None
-            when the method did not run one.
     """
 
     source: torch.Tensor | None
     target: torch.Tensor | None
-    output: ModelOutput | None = None
 
 
 class AttributionMethod:
@@ -68,4 +64,4 @@ class DummyAttribution(AttributionMethod):
     granularity = "none"
 
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
-        return MethodResult(None, None, None)
+        return MethodResult(None, None)

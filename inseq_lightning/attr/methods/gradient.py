@@ -16,12 +16,12 @@ def _split(grads: list[torch.Tensor], ctx: EngineContext) -> tuple[torch.Tensor 
     return None, grads[0]
 
 
-def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1):
-    """Forward on ``inputs`` and per-step gradients: (list of ``[R*B, L, N, D]``, model output)."""
+def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1, at_real_inputs: bool = False):
+    """Forward on ``inputs`` and per-step gradients: a list of ``[R*B, L, N, D]``, one per input.
+    ``at_real_inputs``: ``inputs`` are the unperturbed embeddings (the step scores are read too)."""
     inputs = [x.detach().requires_grad_(True) for x in inputs]
-    output = ctx.forward(inputs, repeat=repeat)
-    grads = ctx.step_gradients(ctx.scores(output), inputs)
-    return grads, output
+    scores = ctx.attributed_scores(ctx.forward(inputs, repeat=repeat), at_real_inputs)
+    return ctx.step_gradients(scores, inputs)
 
 
 def _per_step(x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +36,9 @@ class Saliency(AttributionMethod):
     name = "saliency"
 
     def attribute(self, ctx: EngineContext, abs: bool = True, **kwargs) -> MethodResult:
-        grads, output = _gradients_at(ctx, ctx.embeddings())
+        grads = _gradients_at(ctx, ctx.embeddings(), at_real_inputs=True)
         grads = [g.abs_() if abs else g for g in grads]  # in place: the engine's own tensors
-        return MethodResult(*_split(grads, ctx), output)
+        return MethodResult(*_split(grads, ctx))
 
 
 @register_method
@@ -49,8 +49,8 @@ class InputXGradient(AttributionMethod):
 
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
         inputs = ctx.embeddings()
-        grads, output = _gradients_at(ctx, inputs)
-        return MethodResult(*_split([_per_step(x) * g for x, g in zip(inputs, grads)], ctx), output)
+        grads = _gradients_at(ctx, inputs, at_real_inputs=True)
+        return MethodResult(*_split([_per_step(x) * g for x, g in zip(inputs, grads)], ctx))
 
 
 def _check_deeplift_applicable(model: torch.nn.Module, name: str) -> None:
@@ -76,10 +76,10 @@ class DeepLift(AttributionMethod):
     def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
         _check_deeplift_applicable(ctx.model.model, self.name)
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
-        grads, output = _gradients_at(ctx, inputs)
+        grads = _gradients_at(ctx, inputs, at_real_inputs=True)
         if multiply_by_inputs:
             grads = [_per_step(x - b) * g for x, b, g in zip(inputs, baselines, grads)]
-        return MethodResult(*_split(grads, ctx), output)
+        return MethodResult(*_split(grads, ctx))
 
 
 def integrate(
@@ -130,12 +130,12 @@ class IntegratedGradients(AttributionMethod):
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
 
         def run(scaled, repeat):
-            return _gradients_at(ctx, scaled, repeat)[0]
+            return _gradients_at(ctx, scaled, repeat)
 
         total = integrate(ctx, inputs, baselines, run, n_steps, method, internal_batch_size)
         if multiply_by_inputs:
             total = [g * _per_step(x - b) for g, x, b in zip(total, inputs, baselines)]
-        return MethodResult(*_split(total, ctx), None)
+        return MethodResult(*_split(total, ctx))
 
 
 @register_method
@@ -173,10 +173,10 @@ class GradientShap(AttributionMethod):
             idx = list(chunk)
             c = coeff[idx].view(len(idx), batch, 1, 1)
             scaled = [(c * n[idx] + (1 - c) * b.unsqueeze(0)).reshape(-1, *b.shape[1:]) for n, b in zip(noisy, baselines)]
-            grads, _ = _gradients_at(ctx, scaled, len(idx))
+            grads = _gradients_at(ctx, scaled, len(idx))
             for i, (g, n, b) in enumerate(zip(grads, noisy, baselines)):
                 g = g.reshape(len(idx), batch, *g.shape[1:])
                 if multiply_by_inputs:
                     g = g * (n[idx] - b.unsqueeze(0)).unsqueeze(3)
                 total[i] = g.sum(0) if total[i] is None else total[i] + g.sum(0)
-        return MethodResult(*_split([t / n_samples for t in total], ctx), None)
+        return MethodResult(*_split([t / n_samples for t in total], ctx))

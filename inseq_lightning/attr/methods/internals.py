@@ -39,10 +39,12 @@ class AttentionWeights(AttributionMethod):
             if original not in (None, "eager"):
                 set_attn_implementation(model, original)
         positions = ctx.positions
+        if ctx.needs_logits:
+            ctx.record_step_scores(ctx.step_logits(output.logits))
         if ctx.is_encoder_decoder:
             source = _rows_at_steps(torch.stack(output.cross_attentions, 1), positions)
             target = None
             if ctx.attribute_target:
                 target = _rows_at_steps(torch.stack(output.decoder_attentions, 1), positions)
-            return MethodResult(source, target, output)
-        return MethodResult(None, _rows_at_steps(torch.stack(output.attentions, 1), positions), output)
+            return MethodResult(source, target)
+        return MethodResult(None, _rows_at_steps(torch.stack(output.attentions, 1), positions))

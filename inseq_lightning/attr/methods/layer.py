@@ -15,15 +15,15 @@ def _layer_outputs(ctx: EngineContext) -> tuple[torch.Tensor, torch.Tensor]:
         return layer(ctx.input_ids()[0]), layer(ctx.baseline_ids()[0])
 
 
-def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1):
+def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1, at_real_inputs: bool = False):
     layer_output = layer_output.detach().requires_grad_(True)
-    output = ctx.forward_ids_with_layer(layer_output, repeat=repeat)
-    (grads,) = ctx.step_gradients(ctx.scores(output), [layer_output])
-    return grads, output
+    scores = ctx.attributed_scores(ctx.forward_ids_with_layer(layer_output, repeat=repeat), at_real_inputs)
+    (grads,) = ctx.step_gradients(scores, [layer_output])
+    return grads
 
 
-def _as_result(ctx: EngineContext, scores: torch.Tensor, output=None) -> MethodResult:
-    return MethodResult(scores, None, output) if ctx.is_encoder_decoder else MethodResult(None, scores, output)
+def _as_result(ctx: EngineContext, scores: torch.Tensor) -> MethodResult:
+    return MethodResult(scores, None) if ctx.is_encoder_decoder else MethodResult(None, scores)
 
 
 class _LayerMethod(AttributionMethod):
@@ -48,7 +48,7 @@ class LayerIntegratedGradients(_LayerMethod):
         actual, baseline = _layer_outputs(ctx)
 
         def run(scaled, repeat):
-            return [_layer_gradients(ctx, scaled[0], repeat)[0]]
+            return [_layer_gradients(ctx, scaled[0], repeat)]
 
         (total,) = integrate(ctx, [actual], [baseline], run, n_steps, method, internal_batch_size)
         if multiply_by_inputs:
@@ -64,8 +64,8 @@ class LayerGradientXActivation(_LayerMethod):
 
     def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
         actual, _ = _layer_outputs(ctx)
-        grads, output = _layer_gradients(ctx, actual)
-        return _as_result(ctx, grads * actual.unsqueeze(2) if multiply_by_inputs else grads, output)
+        grads = _layer_gradients(ctx, actual, at_real_inputs=True)
+        return _as_result(ctx, grads * actual.unsqueeze(2) if multiply_by_inputs else grads)
 
 
 @register_method
@@ -77,5 +77,5 @@ class LayerDeepLift(_LayerMethod):
     def attribute(self, ctx: EngineContext, multiply_by_inputs: bool = True, **kwargs) -> MethodResult:
         _check_deeplift_applicable(ctx.model.model, self.name)
         actual, baseline = _layer_outputs(ctx)
-        grads, output = _layer_gradients(ctx, actual)
-        return _as_result(ctx, grads * (actual - baseline).unsqueeze(2) if multiply_by_inputs else grads, output)
+        grads = _layer_gradients(ctx, actual, at_real_inputs=True)
+        return _as_result(ctx, grads * (actual - baseline).unsqueeze(2) if multiply_by_inputs else grads)

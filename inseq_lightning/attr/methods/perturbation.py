@@ -25,7 +25,7 @@ def _occlusion_scores(
         others = [t.repeat(len(positions), 1, 1) for t in inputs]
         others[which] = stacked
         with torch.no_grad():
-            scores = ctx.scores(ctx.forward(others, repeat=len(positions)))
+            scores = ctx.attributed_scores(ctx.forward(others, repeat=len(positions)))
         out[:, start : start + len(positions)] = (initial.repeat(len(positions), 1) - scores).view(
             len(positions), batch, -1
         ).permute(1, 0, 2)
@@ -42,9 +42,8 @@ class Occlusion(AttributionMethod):
     def attribute(self, ctx: EngineContext, positions_per_forward: int = 16, **kwargs) -> MethodResult:
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
         with torch.no_grad():
-            output = ctx.forward(inputs)
-            initial = ctx.scores(output)
+            initial = ctx.attributed_scores(ctx.forward(inputs), at_real_inputs=True)
         results = [_occlusion_scores(ctx, inputs, baselines, i, positions_per_forward, initial) for i in range(len(inputs))]
         if ctx.is_encoder_decoder:
-            return MethodResult(results[0], results[1] if len(results) > 1 else None, output)
-        return MethodResult(None, results[0], output)
+            return MethodResult(results[0], results[1] if len(results) > 1 else None)
+        return MethodResult(None, results[0])
