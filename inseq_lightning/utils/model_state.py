@@ -45,24 +45,27 @@ def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True) -> I
     Attribution uses ``torch.autograd.grad`` and never writes ``.grad``; the snapshot is a guard
     against step functions or user callbacks that do.
     """
-    modes = {name: module.training for name, module in model.named_modules()}
-    params = list(model.named_parameters())
-    requires_grad = {name: p.requires_grad for name, p in params}
-    grads = {name: (p.grad, p.grad.detach().clone() if p.grad is not None else None) for name, p in params}
+    # Snapshots by object, not by name: restoring walks lists instead of re-deriving names, and
+    # only what changed is written back (cheap on models with thousands of parameters).
+    modes = [(module, module.training) for module in model.modules()]
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [(p.grad, p.grad.detach().clone()) if p.grad is not None else (None, None) for p in params]
     attn = _attn_implementation(model)
     rng = _rng_state() if preserve_rng else None
     try:
         yield
     finally:
-        for name, module in model.named_modules():
-            if name in modes:
-                module.training = modes[name]
-        for name, p in params:
-            p.requires_grad_(requires_grad[name])
-            original, values = grads[name]
+        for module, training in modes:
+            if module.training != training:
+                module.training = training
+        for p, flag, (original, values) in zip(params, requires_grad, grads):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
             if original is not None:
                 original.copy_(values)
-            p.grad = original
+            if p.grad is not original:
+                p.grad = original
         if attn is not None and _attn_implementation(model) != attn:
             set_attn_implementation(model, attn)
         if rng is not None:
