@@ -1,5 +1,7 @@
 """The engine's cost model: one forward per batch for teacher-forced targets, whatever their length."""
 
+import copy
+
 import pytest
 import torch
 
@@ -110,3 +112,36 @@ def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numb
     assert rows_seen == [1, length]  # no step scores: one position through lm_head; with them: all
     torch.testing.assert_close(bare.target_attributions, scored.target_attributions, equal_nan=True)
     assert scored.step_scores["probability"].shape == (scored.attr_pos_end - scored.attr_pos_start,)
+
+
+@pytest.mark.parametrize("method", ["saliency", "layer_gradient_x_activation", "occlusion"])
+def test_full_logits_are_freed_before_the_per_step_backwards(hf_pair, texts, method, monkeypatch):
+    """Step scores are read as soon as the real-input forward returns; the ``[T, vocab]`` logits
+    must not live through the per-step backwards (with a 50k vocabulary they are most of the peak)."""
+    import weakref
+
+    from inseq_lightning.attr import engine
+
+    model, tok = hf_pair
+    am = il.load_model(model, method, tokenizer=tok)
+    logits_refs, alive_at_backward = [], []
+    real_batched_grad = engine._batched_grad
+
+    def observed_batched_grad(*args, **kwargs):
+        alive_at_backward.append([ref() is not None for ref in logits_refs])
+        return real_batched_grad(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_batched_grad", observed_batched_grad)
+    handle = model.register_forward_hook(lambda m, a, out: logits_refs.append(weakref.ref(out.logits)))
+    try:
+        out = am.attribute(*texts, step_scores=["probability"], show_progress=False)[0]
+    finally:
+        handle.remove()
+    plain = il.load_model(copy.deepcopy(model), "dummy", tokenizer=copy.deepcopy(tok))
+    expected = plain.attribute(*texts, step_scores=["probability"], show_progress=False)[0].step_scores["probability"]
+    torch.testing.assert_close(out.step_scores["probability"], expected)
+    if method == "occlusion":  # no backward at all
+        assert alive_at_backward == []
+        return
+    assert alive_at_backward and all(len(alive) == 1 for alive in alive_at_backward)  # one forward, then backwards
+    assert not any(alive[0] for alive in alive_at_backward)
