@@ -148,6 +148,27 @@ def test_registered_step_function_works_as_score_and_attributed_fn(hf_models):
                                by_logprob.aggregate().target_attributions.nan_to_num(), atol=1e-5, rtol=1e-4)
 
 
+def test_an_unhashable_callable_object_works_as_attributed_fn_with_its_keyword_arguments(hf_models):
+    """Keyword routing caches signatures by function; an object with ``__eq__`` and no ``__hash__``
+    cannot be a cache key and must still be routed its arguments."""
+    model, tok = hf_models["gpt2"]
+
+    class ScaledLogit:
+        __hash__ = None  # what defining __eq__ without __hash__ leaves
+
+        def __eq__(self, other):
+            return isinstance(other, ScaledLogit)
+
+        def __call__(self, args, factor: float = 1.0):
+            return factor * args.forward_output.logits[:, -1, :].gather(-1, args.target_ids[:, None])[:, 0]
+
+    am = il.load_model(model, "input_x_gradient", tokenizer=tok)
+    plain = am.attribute("Hello world", "Hello world, this is", attributed_fn="logit", show_progress=False)[0]
+    scaled = am.attribute("Hello world", "Hello world, this is", attributed_fn=ScaledLogit(), factor=3.0,
+                          show_progress=False)[0]
+    torch.testing.assert_close(scaled.target_attributions, 3.0 * plain.target_attributions, equal_nan=True)
+
+
 def test_normalized_columns_sum_to_one_and_occlusion_is_not_normalized(hf_models):
     model, tok = hf_models["marian"]
     am = il.load_model(model, "integrated_gradients", tokenizer=tok)

@@ -8,6 +8,7 @@ Functions written for inseq (which read ``args.attribution_model.output2logits(a
 work unchanged.
 """
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,11 +176,29 @@ def list_step_functions() -> list[str]:
 
 def step_function_kwargs(fn: StepFunction, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``kwargs`` that ``fn`` accepts (besides its first, positional args)."""
+    names = _keyword_names(fn)
+    if names is None:
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _keyword_names(fn: StepFunction) -> frozenset[str] | None:
+    """Names ``fn`` takes after its first argument; None when it takes ``**kwargs``. Cached:
+    ``inspect.signature`` costs more than a tiny model's whole attribution bookkeeping."""
+    try:
+        return _cached_keyword_names(fn)
+    except TypeError:  # an unhashable callable object: no cache
+        return _signature_keyword_names(fn)
+
+
+def _signature_keyword_names(fn: StepFunction) -> frozenset[str] | None:
     params = list(inspect.signature(fn).parameters.values())[1:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return dict(kwargs)
-    names = {p.name for p in params}
-    return {k: v for k, v in kwargs.items() if k in names}
+        return None
+    return frozenset(p.name for p in params)
+
+
+_cached_keyword_names = functools.lru_cache(maxsize=256)(_signature_keyword_names)
 
 
 for _name, _fn, _agg in [

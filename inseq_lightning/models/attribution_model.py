@@ -256,16 +256,16 @@ class AttributionModel:
         ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes)
         if step_fns:
             ctx.step_scorer = functools.partial(self._step_scores, step_fns=step_fns, step_kwargs=score_kwargs["steps"])
-        with preserve_model_state(self.model), torch.inference_mode(False), torch.enable_grad():
-            # Attributions describe the deterministic model: dropout off for the pass, modes restored after.
-            self.model.eval()
-            if not ctx.sharded:
-                # Gradients flow to the inputs only: with frozen weights the forward saves only what
-                # the input gradients need (a Linear no longer keeps its input for the weight's
-                # gradient), which leaves memory for batching steps. Flags are restored on exit.
-                # Sharded models keep theirs: FSDP's hooks are registered from them.
-                for parameter in self.model.parameters():
-                    parameter.requires_grad_(False)
+        # Gradients flow to the inputs only: with frozen weights the forward saves only what the
+        # input gradients need (a Linear no longer keeps its input for the weight's gradient),
+        # which leaves memory for batching steps. Flags are restored on exit. Sharded models keep
+        # theirs: FSDP's hooks are registered from them.
+        frozen = preserve_model_state(self.model, freeze=not ctx.sharded)
+        with frozen, torch.inference_mode(False), torch.enable_grad():
+            # Attributions describe the deterministic model: dropout off for the pass, modes restored
+            # after. eval() walks and rewrites every module: skipped when none is training.
+            if any(module.training for module in self.model.modules()):
+                self.model.eval()
             result = attribution.attribute(ctx, **method_kwargs)
             if step_fns and ctx.step_score_values is None:  # the method never ran the real inputs
                 with torch.no_grad():

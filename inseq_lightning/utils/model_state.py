@@ -37,10 +37,11 @@ def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None
 
 
 @contextlib.contextmanager
-def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True) -> Iterator[None]:
+def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, freeze: bool = False) -> Iterator[None]:
     """Restore every submodule's training flag, every parameter's ``requires_grad`` and ``.grad``
     (the same tensor object, with its values), the attention implementation and the RNG streams
-    when the block exits, also when it raises.
+    when the block exits, also when it raises. ``freeze``: set ``requires_grad=False`` on every
+    parameter for the block (restored with the rest).
 
     Attribution uses ``torch.autograd.grad`` and never writes ``.grad``; the snapshot is a guard
     against step functions or user callbacks that do.
@@ -54,6 +55,10 @@ def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True) -> I
     attn = _attn_implementation(model)
     rng = _rng_state() if preserve_rng else None
     try:
+        if freeze:
+            for p, flag in zip(params, requires_grad):
+                if flag:
+                    p.requires_grad_(False)
         yield
     finally:
         for module, training in modes:

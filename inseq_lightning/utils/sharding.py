@@ -13,7 +13,13 @@ def has_sharded_parameters(model: torch.nn.Module) -> bool:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - old torch
         FSDPModule = FSDP1 = DTensor = ()
-    if any(isinstance(module, (FSDPModule, FSDP1)) for module in model.modules()):
-        return True
-    # DeepSpeed sets ``ds_id`` as an instance attribute (a dict lookup: hasattr would raise and catch)
-    return any(isinstance(p, DTensor) or "ds_id" in p.__dict__ for p in model.parameters())
+    # One walk over the modules, reading each one's own parameters (cheaper than parameters(),
+    # which deduplicates and builds names). DeepSpeed sets ``ds_id`` as an instance attribute (a
+    # dict lookup: hasattr would raise and catch).
+    for module in model.modules():
+        if isinstance(module, (FSDPModule, FSDP1)):
+            return True
+        for p in module._parameters.values():
+            if p is not None and (isinstance(p, DTensor) or "ds_id" in p.__dict__):
+                return True
+    return False
