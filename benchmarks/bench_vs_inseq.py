@@ -26,7 +26,10 @@ WORKLOADS = {
     "small": "GPT-2-small shape (12x768), saliency + probability",
     "small-vocab": "GPT-2-small shape, GPT-2's 50257-token vocabulary, saliency + probability",
     "tiny-attention": "tiny GPT-2 (2x64), attention",
+    "tiny-attention-scores": "tiny GPT-2 (2x64), attention + probability (inseq: attention, then dummy for the scores)",
     "small-vocab-attention": "GPT-2-small shape, 50257-token vocabulary, attention",
+    "small-vocab-attention-scores": "GPT-2-small shape, 50257-token vocabulary, attention + probability (inseq: "
+                                    "attention, then dummy)",
 }
 
 
@@ -42,8 +45,8 @@ def workload(name: str):
     ids = gpt2_tokenizer()(" ".join(["the quick brown fox jumps over the lazy dog"] * 6))["input_ids"]
     texts = {"full": (tok.decode(ids[:20]), tok.decode(ids[:40])),
              "warm-up": (tok.decode(ids[:4]), tok.decode(ids[:6]))}
-    method = "attention" if name.endswith("attention") else "saliency"
-    step_scores = [] if method == "attention" else ["probability"]
+    method = "attention" if "attention" in name else "saliency"
+    step_scores = [] if name.endswith("attention") else ["probability"]
     return model, tok, texts, method, step_scores
 
 
@@ -58,9 +61,18 @@ def runners(name: str, texts_key: str = "full"):
     ref_model.set_attn_implementation("eager")
     ours = il.load_model(model, method, tokenizer=tok)
     ref = inseq.load_model(ref_model, method, tokenizer=copy.deepcopy(tok))
+
+    def run_ref(key="full"):
+        if method == "attention" and step_scores:
+            # inseq 0.7.1 refuses step scores with attention (a "final step" method) and says to
+            # compute them separately with method="dummy": that is what a user of it has to run.
+            ref.attribute(*texts[key], show_progress=False)
+            return ref.attribute(*texts[key], method="dummy", step_scores=step_scores, show_progress=False)
+        return ref.attribute(*texts[key], step_scores=step_scores, show_progress=False)
+
     return {
         "inseq-lightning": lambda key="full": ours.attribute(*texts[key], step_scores=step_scores, show_progress=False),
-        "inseq": lambda key="full": ref.attribute(*texts[key], step_scores=step_scores, show_progress=False),
+        "inseq": run_ref,
     }
 
 

@@ -109,7 +109,8 @@ def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numb
     finally:
         handle.remove()
     length = len(scored.target)
-    assert rows_seen == [1, length]  # no step scores: one position through lm_head; with them: all
+    # no step scores: one position through lm_head; with them: from the first predicting position on
+    assert rows_seen == [1, length - (scored.attr_pos_start - 1)]
     torch.testing.assert_close(bare.target_attributions, scored.target_attributions, equal_nan=True)
     assert scored.step_scores["probability"].shape == (scored.attr_pos_end - scored.attr_pos_start,)
 
@@ -145,3 +146,34 @@ def test_full_logits_are_freed_before_the_per_step_backwards(hf_pair, texts, met
         return
     assert alive_at_backward and all(len(alive) == 1 for alive in alive_at_backward)  # one forward, then backwards
     assert not any(alive[0] for alive in alive_at_backward)
+
+
+@pytest.mark.parametrize("family_name", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "layer_gradient_x_activation", "attention"])
+def test_output_layer_runs_from_the_first_predicting_position_with_the_full_numbers(hf_models, family_name, method):
+    """The prompt's positions before the first attributed step predict nothing attributed: the
+    output layer skips them (``logits_to_keep``), which must not change a number, also on a
+    padded batch whose prompts differ in length."""
+    model, tok = hf_models[family_name]
+    prompts = ["The cat", "Hello world, this is"]
+    targets = ["The cat sat on the mat", "Hello world, this is a cat on the mat"]
+    trimmed_model = il.load_model(model, method, tokenizer=tok)
+    full_model = il.load_model(model, method, tokenizer=tok)
+    full_model.can_skip_logits = False
+    rows_seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[1]))
+    try:
+        kwargs = {"step_scores": ["probability", "entropy"], "show_progress": False, "n_steps": 4} \
+            if method == "integrated_gradients" else {"step_scores": ["probability", "entropy"], "show_progress": False}
+        trimmed = trimmed_model.attribute(prompts, targets, batch_size=2, **kwargs)
+        seen_trimmed = list(rows_seen)
+        rows_seen.clear()
+        full = full_model.attribute(prompts, targets, batch_size=2, **kwargs)
+    finally:
+        handle.remove()
+    first_predicting = min(seq.attr_pos_start for seq in trimmed) - 1
+    assert seen_trimmed and all(r == rows_seen[0] - first_predicting for r in seen_trimmed)
+    for a, b in zip(trimmed, full):
+        torch.testing.assert_close(a.target_attributions, b.target_attributions, equal_nan=True)
+        for name in ("probability", "entropy"):
+            torch.testing.assert_close(a.step_scores[name], b.step_scores[name])

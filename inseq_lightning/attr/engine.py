@@ -69,6 +69,17 @@ class EngineContext:
             # view of the parameters holds only its shard: a fixed budget keeps them in lockstep.
             budget = SHARDED_MEMORY_BUDGET_BYTES if self.sharded else self.model.default_memory_budget
             self.memory_budget_bytes = budget
+        self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
+
+    def _logits_to_keep(self) -> dict[str, int]:
+        """``logits_to_keep`` from the first position that predicts an attributed step: the prompt's
+        other positions predict nothing attributed, and with a large vocabulary their output layer
+        is a large share of the forward's time and memory (decoder-only models that take it)."""
+        if not self.model.can_skip_logits:
+            return {}
+        predicting = (self.positions - 1)[self.valid]
+        first = int(predicting.min()) if predicting.numel() else 0
+        return {"logits_to_keep": self.batch.target_ids.shape[1] - first} if first > 0 else {}
 
     @property
     def needs_logits(self) -> bool:
@@ -138,7 +149,7 @@ class EngineContext:
         """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
         possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
         with self._recording_head_input():
-            return self._forward(inputs, repeat, **{**self.model.forward_defaults, **kwargs})
+            return self._forward(inputs, repeat, **{**self._forward_kwargs, **kwargs})
 
     def _forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         b = self.batch
@@ -164,7 +175,7 @@ class EngineContext:
         decoder_embeds = self.decoder_embeddings() if self.is_encoder_decoder else None
         layer = self.model.model.get_input_embeddings()
         handle = layer.register_forward_hook(lambda module, args, output: layer_output)
-        kwargs = {**self.model.forward_defaults, **kwargs}
+        kwargs = {**self._forward_kwargs, **kwargs}
         try:
             with self._recording_head_input():
                 if self.is_encoder_decoder:
@@ -183,9 +194,12 @@ class EngineContext:
 
     # ---- scores ---------------------------------------------------------------------------
     def step_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[R*B, T, V]`` logits -> ``[R*B, N, V]`` logits that predict each attributed step."""
+        """``[R*B, T', V]`` logits of the last ``T'`` positions (all ``T``, or what
+        ``logits_to_keep`` kept) -> ``[R*B, N, V]`` logits that predict each attributed step."""
         repeat = logits.shape[0] // self.batch.size
-        index = (self.positions - 1).repeat(repeat, 1)
+        offset = self.batch.target_ids.shape[1] - logits.shape[1]
+        # Padding steps point before the kept positions: clamped into range, their values are masked.
+        index = (self.positions - 1 - offset).clamp(min=0).repeat(repeat, 1)
         return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
     def step_target_ids(self, repeat: int = 1) -> torch.Tensor:
@@ -286,11 +300,12 @@ class EngineContext:
 
     def _split_point(self, rows: int) -> torch.Tensor | None:
         """The output projection's input of the last forward, when the backward can split there:
-        exactly one call, on the whole ``[rows, T, hidden]`` sequence, inside the graph."""
+        exactly one call, on ``[rows, T', hidden]`` (the last ``T' <= T`` positions), inside the graph."""
         if len(self._head_inputs) != 1:
             return None
         head = self._head_inputs[0]
-        if head.ndim != 3 or not head.requires_grad or tuple(head.shape[:2]) != (rows, self.batch.target_ids.shape[1]):
+        # The last T' <= T positions when logits_to_keep trimmed the prompt's.
+        if head.ndim != 3 or not head.requires_grad or head.shape[0] != rows or head.shape[1] > self.batch.target_ids.shape[1]:
             return None
         return head
 
@@ -300,7 +315,8 @@ class EngineContext:
         repeat = rows // self.batch.size
         predicting = (self.positions - 1).repeat(repeat, 1).T  # [N, rows]
         valid = self.valid.repeat(repeat, 1).T
-        time = torch.arange(length, device=head_grad.device)
+        # absolute position of each row of the head's input (the last ``length`` of T)
+        time = torch.arange(length, device=head_grad.device) + (self.batch.target_ids.shape[1] - length)
         # [N, rows, T, 1]: which row of the head's input predicts each (valid) step
         pick = ((predicting.unsqueeze(-1) == time) & valid.unsqueeze(-1)).unsqueeze(-1).to(head_grad.dtype)
         return lambda steps: pick[steps.start : steps.stop] * head_grad
