@@ -51,6 +51,26 @@ def test_aggregated_scores_and_step_scores_equal_inseq(hf_pair, texts, method):
         assert_close(ours.step_scores[name], ref.step_scores[name], f"{method} {name}")
 
 
+def test_attention_with_step_scores_equals_inseq_attention_plus_its_dummy_pass(hf_pair, texts):
+    """inseq refuses step scores with attention and points to a second call with method='dummy';
+    here one forward gives both, and both must equal what those two inseq calls give."""
+    model, tok = hf_pair
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    ref = inseq.load_model(ref_model, "attention", tokenizer=copy.deepcopy(tok))
+    with pytest.raises(ValueError, match="dummy"):
+        ref.attribute(*texts, step_scores=STEP_SCORES, show_progress=False)
+    ref_attention = ref.attribute(*texts, show_progress=False)[0]
+    ref_scores = ref.attribute(*texts, method="dummy", step_scores=STEP_SCORES, show_progress=False)[0]
+    ours = il.load_model(model, "attention", tokenizer=tok).attribute(*texts, step_scores=STEP_SCORES,
+                                                                      show_progress=False)[0]
+    a, b = ours.aggregate(), ref_attention.aggregate()
+    assert_close(a.source_attributions, b.source_attributions, "attention source")
+    assert_close(a.target_attributions, b.target_attributions, "attention target")
+    for name in STEP_SCORES:
+        assert_close(ours.step_scores[name], ref_scores.step_scores[name], f"attention + {name}")
+
+
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "attention"])
 def test_attribute_target_equals_inseq_on_encoder_decoder(hf_models, method):
     pair = copy.deepcopy(hf_models["marian"])
