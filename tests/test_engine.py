@@ -177,3 +177,43 @@ def test_output_layer_runs_from_the_first_predicting_position_with_the_full_numb
         torch.testing.assert_close(a.target_attributions, b.target_attributions, equal_nan=True)
         for name in ("probability", "entropy"):
             torch.testing.assert_close(a.step_scores[name], b.step_scores[name])
+
+
+@pytest.mark.parametrize("method,kwargs,per_advance", [
+    ("saliency", {"memory_budget_bytes": 0}, 1.0),  # one step per backward: one token per advance
+    ("integrated_gradients", {"n_steps": 4, "internal_batch_size": 2, "memory_budget_bytes": 0}, 0.5),  # 2 rounds
+    ("attention", {}, None),  # no per-step backward: the batch at once
+])
+def test_progress_bar_counts_attributed_tokens_and_moves_within_one_sequence(hf_models, monkeypatch, method, kwargs,
+                                                                             per_advance):
+    import functools
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    import inseq_lightning.models.attribution_model as attribution_module
+
+    console = Console(record=True, force_terminal=True, width=120)
+    monkeypatch.setattr(attribution_module, "Progress", functools.partial(Progress, console=console,
+                                                                          refresh_per_second=1000))
+    advances = []
+    real_enter = attribution_module._progress.__enter__
+
+    def recording_enter(self):
+        advance = real_enter(self)
+        return lambda n: (advances.append(n), advance(n))
+
+    monkeypatch.setattr(attribution_module._progress, "__enter__", recording_enter)
+    model, tok = hf_models["gpt2"]
+    am = il.load_model(model, method, tokenizer=tok)
+    out = am.attribute("Hello", "Hello world, this is a cat on the mat", show_progress=True, **kwargs)[0]
+    tokens = out.attr_pos_end - out.attr_pos_start
+    assert tokens >= 8
+    assert sum(advances) == pytest.approx(tokens)
+    moving = [n for n in advances if n > 0]
+    if per_advance is None:
+        assert moving == [tokens]
+    else:
+        assert moving == [per_advance] * round(tokens / per_advance)
+    text = console.export_text()
+    assert f"Attributing with {method}" in text and "tokens" in text

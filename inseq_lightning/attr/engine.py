@@ -55,6 +55,12 @@ class EngineContext:
     # scores are asked for. It takes the context as an argument: a closure over it would be a cycle.
     step_scorer: Callable[["EngineContext", torch.Tensor], dict[str, torch.Tensor]] | None = None
     step_score_values: dict[str, torch.Tensor] | None = field(init=False, default=None)
+    # Progress in attributed tokens (sequence-steps): ``progress(n)`` advances the caller's bar.
+    # ``gradient_passes``: forward + per-step backward rounds the method runs over all steps
+    # (integration chunks for integrated gradients), so that each round counts its share.
+    progress: Callable[[float], None] | None = None
+    gradient_passes: int = 1
+    reported_tokens: float = field(init=False, default=0.0)
     positions: torch.Tensor = field(init=False)
     valid: torch.Tensor = field(init=False)
 
@@ -70,6 +76,7 @@ class EngineContext:
             budget = SHARDED_MEMORY_BUDGET_BYTES if self.sharded else self.model.default_memory_budget
             self.memory_budget_bytes = budget
         self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
+        self._tokens_per_step = self.valid.sum(0).tolist()  # host copy: no device sync per report
 
     def _logits_to_keep(self) -> dict[str, int]:
         """``logits_to_keep`` from the first position that predicts an attributed step: the prompt's
@@ -80,6 +87,18 @@ class EngineContext:
         predicting = (self.positions - 1)[self.valid]
         first = int(predicting.min()) if predicting.numel() else 0
         return {"logits_to_keep": self.batch.target_ids.shape[1] - first} if first > 0 else {}
+
+    @property
+    def num_tokens(self) -> int:
+        """Attributed tokens in the batch (steps of every sequence): the unit of progress."""
+        return int(sum(self._tokens_per_step))
+
+    def report_steps_done(self, steps: range) -> None:
+        if self.progress is None:
+            return
+        tokens = sum(self._tokens_per_step[steps.start : steps.stop]) / max(self.gradient_passes, 1)
+        self.reported_tokens += tokens
+        self.progress(tokens)
 
     @property
     def needs_logits(self) -> bool:
@@ -295,6 +314,7 @@ class EngineContext:
                 else:  # [steps, rows, L, D] -> [rows, L, steps, D]
                     result[:, :, steps.start : steps.stop] = g.movedim(0, 2)
             del grads
+            self.report_steps_done(steps)
         self._head_inputs = []
         return results
 

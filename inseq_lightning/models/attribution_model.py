@@ -191,14 +191,17 @@ class AttributionModel:
         chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
         outputs = []
         # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
-        with _progress(show_progress, method_name, len(input_list)) as advance, torch.inference_mode(False):
-            for chunk in chunks:
-                batch = build_batch(self, [input_list[i] for i in chunk], [generated_list[i] for i in chunk],
-                                    attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens)
-                outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
-                                                     step_fns, attribute_target, output_step_attributions,
-                                                     memory_budget_bytes))
-                advance(len(chunk))
+        with torch.inference_mode(False):
+            # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
+            batches = [build_batch(self, [input_list[i] for i in chunk], [generated_list[i] for i in chunk],
+                                   attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens)
+                       for chunk in chunks]
+            total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
+            with _progress(show_progress, method_name, total_tokens) as advance:
+                for batch in batches:
+                    outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
+                                                         step_fns, attribute_target, output_step_attributions,
+                                                         memory_budget_bytes, advance))
         out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
         out.info = {
             "attribution_method": method_name,
@@ -252,8 +255,10 @@ class AttributionModel:
         return method_kwargs, {"attributed": score_kwargs, "steps": step_kwargs}
 
     def _attribute_batch(self, batch: Batch, attribution, score_fn, method_kwargs, score_kwargs, step_fns,
-                         attribute_target, output_step_attributions, memory_budget_bytes) -> FeatureAttributionOutput:
-        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes)
+                         attribute_target, output_step_attributions, memory_budget_bytes,
+                         advance: Callable[[float], None] = lambda n: None) -> FeatureAttributionOutput:
+        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes,
+                            progress=advance)
         if step_fns:
             ctx.step_scorer = functools.partial(self._step_scores, step_fns=step_fns, step_kwargs=score_kwargs["steps"])
         # Gradients flow to the inputs only: with frozen weights the forward saves only what the
@@ -271,6 +276,8 @@ class AttributionModel:
                 with torch.no_grad():
                     ctx.record_step_scores(ctx.step_logits(ctx.forward(ctx.embeddings()).logits))
             scores = ctx.step_score_values or {}
+        # Methods without per-step backwards (attention, occlusion, dummy) finish the batch at once.
+        advance(ctx.num_tokens - ctx.reported_tokens)
         source = result.source.detach().float().cpu() if result.source is not None else None
         target = result.target.detach().float().cpu() if result.target is not None else None
         if target is not None:
@@ -356,7 +363,8 @@ def _jsonable(value) -> bool:
 
 
 class _progress:
-    """A rich progress bar over attributed sequences (no-op when disabled)."""
+    """A rich progress bar over attributed tokens (every step of every sequence), advanced after
+    each per-step backward, so that one long sequence moves the bar too (no-op when disabled)."""
 
     def __init__(self, show: bool, method: str, total: int):
         self.show, self.method, self.total = show, method, total
@@ -365,7 +373,7 @@ class _progress:
         if not self.show:
             return lambda n: None
         self._progress = Progress(TextColumn(f"Attributing with {self.method}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), transient=True)
+                                  TextColumn("tokens"), TimeElapsedColumn(), transient=True)
         self._progress.__enter__()
         task = self._progress.add_task("attribute", total=self.total)
         return lambda n: self._progress.advance(task, n)

@@ -100,7 +100,9 @@ def integrate(
     step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
     total = [None for _ in inputs]
     batch = ctx.batch.size
-    for chunk in interpolation_chunks(n_steps, batch, internal_batch_size):
+    chunks = interpolation_chunks(n_steps, batch, internal_batch_size)
+    ctx.gradient_passes = len(chunks)
+    for chunk in chunks:
         scaled = [torch.cat([b + alphas[a] * (x - b) for a in chunk], 0) for x, b in zip(inputs, baselines)]
         grads = run(scaled, len(chunk))
         for i, g in enumerate(grads):
@@ -169,7 +171,9 @@ class GradientShap(AttributionMethod):
             for x in inputs
         ]
         total = [None for _ in inputs]
-        for chunk in interpolation_chunks(n_samples, batch, internal_batch_size):
+        chunks = interpolation_chunks(n_samples, batch, internal_batch_size)
+        ctx.gradient_passes = len(chunks)
+        for chunk in chunks:
             idx = list(chunk)
             c = coeff[idx].view(len(idx), batch, 1, 1)
             scaled = [(c * n[idx] + (1 - c) * b.unsqueeze(0)).reshape(-1, *b.shape[1:]) for n, b in zip(noisy, baselines)]
