@@ -217,3 +217,22 @@ def test_progress_bar_counts_attributed_tokens_and_moves_within_one_sequence(hf_
         assert moving == [per_advance] * round(tokens / per_advance)
     text = console.export_text()
     assert f"Attributing with {method}" in text and "tokens" in text
+
+
+def test_step_functions_that_forward_again_keep_the_backward_split(hf_models, monkeypatch):
+    """Step scores are read between the forward and the backward; mc_dropout's extra no-grad
+    forwards must not replace the recorded output-layer input the split backward starts from."""
+    from inseq_lightning.attr import engine
+
+    model, tok = hf_models["gpt2"]
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    expected = am.attribute("Hello", "Hello world, this is a cat", show_progress=False)[0]
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the backward fell back to seeding the scores: the split point was lost")
+
+    monkeypatch.setattr(engine.EngineContext, "_score_seeds", staticmethod(no_fallback))
+    out = am.attribute("Hello", "Hello world, this is a cat", step_scores=["mc_dropout_prob_avg"],
+                       show_progress=False)[0]
+    torch.testing.assert_close(out.target_attributions, expected.target_attributions, equal_nan=True)
+    assert out.step_scores["mc_dropout_prob_avg"].shape == (out.attr_pos_end - out.attr_pos_start,)

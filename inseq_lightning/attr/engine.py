@@ -152,6 +152,9 @@ class EngineContext:
 
         Not on sharded models: a backward that stops at the head runs FSDP's end-of-backward
         callback, which reshards the root's parameters that the rest of the backward still needs."""
+        if not torch.is_grad_enabled():  # e.g. a step function's extra forwards: keep what was recorded
+            yield
+            return
         self._head_inputs = []
         head = self.model.model.get_output_embeddings()
         # A Linear maps each row on its own, which is what makes the split exact.
