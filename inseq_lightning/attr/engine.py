@@ -76,7 +76,9 @@ class EngineContext:
             budget = SHARDED_MEMORY_BUDGET_BYTES if self.sharded else self.model.default_memory_budget
             self.memory_budget_bytes = budget
         self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
-        self._tokens_per_step = self.valid.sum(0).tolist()  # host copy: no device sync per report
+        # From the batch's host-side lists: no device sync per batch or per report.
+        lengths = [len(positions) for positions in self.batch.step_positions]
+        self._tokens_per_step = [sum(length > k for length in lengths) for k in range(self.num_steps)]
 
     def _logits_to_keep(self) -> dict[str, int]:
         """``logits_to_keep`` from the first position that predicts an attributed step: the prompt's
@@ -84,8 +86,8 @@ class EngineContext:
         is a large share of the forward's time and memory (decoder-only models that take it)."""
         if not self.model.can_skip_logits:
             return {}
-        predicting = (self.positions - 1)[self.valid]
-        first = int(predicting.min()) if predicting.numel() else 0
+        starts = [positions[0] for positions in self.batch.step_positions if len(positions)]
+        first = min(starts) - 1 if starts else 0
         return {"logits_to_keep": self.batch.target_ids.shape[1] - first} if first > 0 else {}
 
     @property
