@@ -2,7 +2,6 @@
 
 from html.parser import HTMLParser
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -76,4 +75,30 @@ def test_heatmap_figure_has_one_cell_per_token_and_step(nasty_output):
     image = ax.get_images()[0]
     assert image.get_array().shape == (len(NASTY), len(NASTY) - 2)
     assert [t.get_text() for t in ax.get_xticklabels()] == NASTY[2:]
-    plt.close(fig)
+
+
+def test_heatmaps_leave_pyplot_and_the_matplotlib_backend_alone(tmp_path):
+    """A notebook or script that plots with pyplot must keep its backend and its figure list."""
+    import subprocess
+    import sys
+
+    script = (
+        "import matplotlib\n"
+        "before = matplotlib.get_backend()\n"
+        "import matplotlib.pyplot as plt\n"
+        "import inseq_lightning as il\n"
+        "from inseq_lightning.tiny_models import tiny_gpt2\n"
+        "from inseq_lightning.viz.figure import attribution_figure, figure_to_rgb\n"
+        "model, tok = tiny_gpt2()\n"
+        "out = il.load_model(model, 'saliency', tokenizer=tok).attribute('Hello', 'Hello world', show_progress=False)\n"
+        "pixels = figure_to_rgb(attribution_figure(out[0].aggregate()))\n"
+        "assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.std() > 0, pixels.shape\n"
+        "assert plt.get_fignums() == [], plt.get_fignums()\n"
+        "assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())\n"
+        "print('backend', before)\n"
+    )
+    env = {**__import__("os").environ, "MPLBACKEND": "svg"}  # any non-Agg backend a user may have chosen
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend svg" in done.stdout

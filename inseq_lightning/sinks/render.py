@@ -3,7 +3,6 @@
 import html as html_lib
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ..monitor.drift import DRIFT_METRICS
@@ -85,10 +84,8 @@ def result_image(result: ProbeResult, report: MonitorReport) -> np.ndarray:
     if key not in report.cache:
         figure = attribution_figure(result.aggregated,
                                     title=f"{result.probe.name} · {report.method} · step {report.step}")
-        try:
-            report.cache[key] = figure_to_rgb(figure)
-        finally:
-            plt.close(figure)  # figures never closed are the classic leak of tracker callbacks
+        # Not a pyplot figure: it goes with its last reference, no close() needed.
+        report.cache[key] = figure_to_rgb(figure)
     return report.cache[key]
 
 

@@ -1,12 +1,16 @@
-"""Matplotlib heatmaps for experiment trackers (TensorBoard add_figure, W&B images)."""
+"""Matplotlib heatmaps for experiment trackers (TensorBoard add_figure, W&B images).
+
+Figures are plain ``matplotlib.figure.Figure`` objects on an Agg canvas, never pyplot's: importing
+this package leaves the process's backend alone (a notebook keeps its inline plots), nothing is
+registered in pyplot's global figure list (nothing to close, nothing leaks), and a callback
+drawing in a training loop touches no shared pyplot state.
+"""
 
 import math
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import score_range
@@ -19,7 +23,8 @@ ANNOTATE_MAX_CELLS = 100
 
 
 def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None):
-    """A heatmap figure (rows: source/prefix tokens, columns: generated tokens); the caller closes it."""
+    """A heatmap figure (rows: source/prefix tokens, columns: generated tokens) on an Agg canvas;
+    ``fig.savefig(path)`` writes it, :func:`figure_to_rgb` gives its pixels."""
     grid = build_grid(seq)
     data = np.array(grid.scores, dtype=float) if grid.scores else np.zeros((0, len(grid.column_labels)))
     lo, hi = score_range([v for v in data.ravel().tolist()], min_val, max_val)
@@ -27,7 +32,9 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
     bound = max(abs(lo), abs(hi))
     width = max(4.0, 0.6 * len(grid.column_labels) + 2)
     height = max(3.0, 0.35 * len(grid.row_labels) + 1.5)
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(data), cmap="bwr" if signed else "Reds", aspect="auto",
                       vmin=-bound if signed else lo, vmax=bound if signed else hi)
     ax.set_xticks(range(len(grid.column_labels)), [display_token(c) for c in grid.column_labels], rotation=60, ha="right",
