@@ -31,6 +31,13 @@ WORKLOADS = {
     "small-vocab-attention-scores": "GPT-2-small shape, 50257-token vocabulary, attention + probability (inseq: "
                                     "attention, then dummy)",
 }
+# The other methods on the tiny model, with each library's default arguments (integrated
+# gradients: 50 points). Run when named: `bench_vs_inseq.py methods` runs them all.
+METHOD_WORKLOADS = {
+    f"tiny-{method}": f"tiny GPT-2 (2x64), {method} + probability"
+    for method in ("input_x_gradient", "integrated_gradients", "layer_integrated_gradients", "gradient_shap",
+                   "occlusion", "dummy")
+}
 
 
 def workload(name: str):
@@ -45,6 +52,8 @@ def workload(name: str):
     ids = gpt2_tokenizer()(" ".join(["the quick brown fox jumps over the lazy dog"] * 6))["input_ids"]
     texts = {"full": (tok.decode(ids[:20]), tok.decode(ids[:40])),
              "warm-up": (tok.decode(ids[:4]), tok.decode(ids[:6]))}
+    if name in METHOD_WORKLOADS:
+        return model, tok, texts, name.removeprefix("tiny-"), ["probability"]
     method = "attention" if "attention" in name else "saliency"
     step_scores = [] if name.endswith("attention") else ["probability"]
     return model, tok, texts, method, step_scores
@@ -146,11 +155,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-repeats", type=int, default=5)
     parser.add_argument("--memory-child", nargs=2)
-    parser.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (default: all)")
+    known = {**WORKLOADS, **METHOD_WORKLOADS}
+    parser.add_argument("workloads", nargs="*",
+                        help=f"any of {', '.join(known)}, or 'methods' for all tiny-<method> ones (default: "
+                             f"{', '.join(WORKLOADS)})")
     args = parser.parse_args()
-    unknown = set(args.workloads) - set(WORKLOADS)
+    args.workloads = [w for name in args.workloads for w in (METHOD_WORKLOADS if name == "methods" else [name])]
+    unknown = set(args.workloads) - set(known)
     if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(known)} or 'methods'")
     if args.memory_child:
         peak_memory_child(*args.memory_child)
         return
@@ -162,7 +175,7 @@ def main() -> None:
         rss = {lib: statistics.median(m["rss_mib"] for m in runs) for lib, runs in mem.items()}
         tensors = {lib: statistics.median(m["tensors_mib"] for m in runs) for lib, runs in mem.items()}
         ref, ours = t["inseq"], t["inseq-lightning"]
-        rows.append((WORKLOADS[key], ref, ours, ref / ours, rss["inseq"], rss["inseq-lightning"], tensors["inseq"],
+        rows.append((known[key], ref, ours, ref / ours, rss["inseq"], rss["inseq-lightning"], tensors["inseq"],
                      tensors["inseq-lightning"]))
     print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens; median of {args.repeats} alternating runs; "
           f"memory: median of {args.memory_repeats} fresh processes\n")

@@ -236,3 +236,42 @@ def test_step_functions_that_forward_again_keep_the_backward_split(hf_models, mo
                        show_progress=False)[0]
     torch.testing.assert_close(out.target_attributions, expected.target_attributions, equal_nan=True)
     assert out.step_scores["mc_dropout_prob_avg"].shape == (out.attr_pos_end - out.attr_pos_start,)
+
+
+@pytest.mark.parametrize("method,kwargs", [("integrated_gradients", {"n_steps": 8}),
+                                           ("layer_integrated_gradients", {"n_steps": 8}),
+                                           ("gradient_shap", {"n_samples": 4, "seed": 0})])
+def test_integration_points_are_summed_as_the_backwards_come(hf_models, monkeypatch, method, kwargs):
+    """Per-point gradients would be n_steps times the result: the engine keeps only the weighted
+    sum over points ([B, L, N, D]), and the numbers equal summing the per-point gradients after."""
+    from inseq_lightning.attr import engine
+
+    model, tok = hf_models["llama"]
+    am = il.load_model(model, method, tokenizer=tok)
+    prompts, targets = ["The cat", "The"], ["The cat sat on the mat", "The mat is red"]
+    shapes = []
+    real = engine.EngineContext.step_gradients
+
+    def recording(self, *args, **kw):
+        out = real(self, *args, **kw)
+        shapes.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(engine.EngineContext, "step_gradients", recording)
+    summed = am.attribute(prompts, targets, show_progress=False, **kwargs)
+    assert shapes and all(shape[0] == 2 for shape in shapes)  # B rows, whatever the number of points
+
+    def per_point_then_summed(self, scores, inputs, retain_graph=False, row_weights=None):
+        grads = real(self, scores, inputs, retain_graph)  # [R*B, L, N, D]
+        if row_weights is None:
+            return grads
+        out = []
+        for g, w in zip(grads, row_weights):
+            g = g * w.unsqueeze(2)
+            out.append(g.view(-1, self.batch.size, *g.shape[1:]).sum(0))
+        return out
+
+    monkeypatch.setattr(engine.EngineContext, "step_gradients", per_point_then_summed)
+    reference = am.attribute(prompts, targets, show_progress=False, **kwargs)
+    for a, b in zip(summed, reference):
+        torch.testing.assert_close(a.target_attributions, b.target_attributions, equal_nan=True)

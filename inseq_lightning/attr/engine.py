@@ -289,9 +289,16 @@ class EngineContext:
         return max(1, min(self.num_steps, int(self.memory_budget_bytes // max(per_step, 1))))
 
     def step_gradients(
-        self, scores: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False
+        self, scores: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False,
+        row_weights: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input."""
+        """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input.
+
+        ``row_weights`` (one per input, broadcastable to it, e.g. ``[R*B, 1, 1]``): the rows are
+        ``R`` stacked copies of the batch (integration points, samples) and each chunk's gradients
+        are weighted and summed over the copies as they come, giving ``[B, L, N, ...]``. Only the
+        sum is ever held: with 50 integration points the per-point gradients would be 50 times
+        the result."""
         rows, n = scores.shape
         chunk = self.step_chunk(rows, max(t.shape[1] for t in inputs))
         head = self._split_point(rows)
@@ -308,16 +315,19 @@ class EngineContext:
         # Each chunk's gradients go straight into the result, allocated once up front: the heap
         # then reuses one hole for every chunk's temporary instead of stacking them up beside the
         # graph's buffers, and there is no join (a second copy) at the end.
-        results = [x.new_empty((x.shape[0], x.shape[1], n, *x.shape[2:])) for x in inputs]
+        out_rows = self.batch.size if row_weights is not None else rows
+        results = [x.new_empty((out_rows, x.shape[1], n, *x.shape[2:])) for x in inputs]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
             grads = _batched_grad(outputs, inputs, seeds_of(steps), keep)
-            for result, g in zip(results, grads):
+            for i, (result, g) in enumerate(zip(results, grads)):
                 if g is None:  # an input the scores do not depend on: zero gradient
                     result[:, :, steps.start : steps.stop].zero_()
-                else:  # [steps, rows, L, D] -> [rows, L, steps, D]
-                    result[:, :, steps.start : steps.stop] = g.movedim(0, 2)
+                    continue
+                if row_weights is not None:  # [steps, R*B, L, D] -> [steps, B, L, D], weighted sum over R
+                    g = (g * row_weights[i]).view(len(steps), -1, out_rows, *g.shape[2:]).sum(1)
+                result[:, :, steps.start : steps.stop] = g.movedim(0, 2)  # [steps, rows, L, D] -> [rows, L, steps, D]
             del grads
             self.report_steps_done(steps)
         self._head_inputs = []

@@ -16,12 +16,14 @@ def _split(grads: list[torch.Tensor], ctx: EngineContext) -> tuple[torch.Tensor 
     return None, grads[0]
 
 
-def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1, at_real_inputs: bool = False):
-    """Forward on ``inputs`` and per-step gradients: a list of ``[R*B, L, N, D]``, one per input.
+def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1, at_real_inputs: bool = False,
+                  row_weights: list[torch.Tensor] | None = None):
+    """Forward on ``inputs`` and per-step gradients: a list of ``[R*B, L, N, D]``, one per input
+    (``[B, L, N, D]`` weighted sums over the R copies with ``row_weights``, see ``step_gradients``).
     ``at_real_inputs``: ``inputs`` are the unperturbed embeddings (the step scores are read too)."""
     inputs = [x.detach().requires_grad_(True) for x in inputs]
     scores = ctx.attributed_scores(ctx.forward(inputs, repeat=repeat), at_real_inputs)
-    return ctx.step_gradients(scores, inputs)
+    return ctx.step_gradients(scores, inputs, row_weights=row_weights)
 
 
 def _per_step(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +95,10 @@ def integrate(
 ) -> list[torch.Tensor]:
     """Riemann/Gauss-Legendre integral of per-step gradients along ``baseline -> input``.
 
-    ``run(scaled_inputs, repeat)`` returns per-step gradients w.r.t. ``scaled_inputs``. Returns
-    the integrated gradients ``[B, L, N, D]`` per input (not yet multiplied by ``input - baseline``).
+    ``run(scaled_inputs, repeat, row_weights)`` returns the per-step gradients w.r.t.
+    ``scaled_inputs`` summed over the ``repeat`` points with ``row_weights`` (the quadrature
+    weights), ``[B, L, N, D]`` per input. Returns the integrated gradients ``[B, L, N, D]`` per
+    input (not yet multiplied by ``input - baseline``).
     """
     step_sizes_fn, alphas_fn = approximation_parameters(method)
     step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
@@ -104,12 +108,10 @@ def integrate(
     ctx.gradient_passes = len(chunks)
     for chunk in chunks:
         scaled = [torch.cat([b + alphas[a] * (x - b) for a in chunk], 0) for x, b in zip(inputs, baselines)]
-        grads = run(scaled, len(chunk))
-        for i, g in enumerate(grads):
-            weights = torch.tensor([step_sizes[a] for a in chunk], dtype=g.dtype, device=g.device)
-            g = g.reshape(len(chunk), batch, *g.shape[1:])
-            g = g * weights.view(-1, *([1] * (g.ndim - 1)))
-            total[i] = g.sum(0) if total[i] is None else total[i] + g.sum(0)
+        weights = [torch.tensor([step_sizes[a] for a in chunk], dtype=x.dtype, device=x.device)
+                   .repeat_interleave(batch).view(-1, *([1] * (x.ndim - 1))) for x in inputs]  # [R*B, 1, 1]
+        grads = run(scaled, len(chunk), weights)
+        total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
     return total
 
 
@@ -131,8 +133,8 @@ class IntegratedGradients(AttributionMethod):
     ) -> MethodResult:
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
 
-        def run(scaled, repeat):
-            return _gradients_at(ctx, scaled, repeat)
+        def run(scaled, repeat, row_weights):
+            return _gradients_at(ctx, scaled, repeat, row_weights=row_weights)
 
         total = integrate(ctx, inputs, baselines, run, n_steps, method, internal_batch_size)
         if multiply_by_inputs:
@@ -177,10 +179,10 @@ class GradientShap(AttributionMethod):
             idx = list(chunk)
             c = coeff[idx].view(len(idx), batch, 1, 1)
             scaled = [(c * n[idx] + (1 - c) * b.unsqueeze(0)).reshape(-1, *b.shape[1:]) for n, b in zip(noisy, baselines)]
-            grads = _gradients_at(ctx, scaled, len(idx))
-            for i, (g, n, b) in enumerate(zip(grads, noisy, baselines)):
-                g = g.reshape(len(idx), batch, *g.shape[1:])
-                if multiply_by_inputs:
-                    g = g * (n[idx] - b.unsqueeze(0)).unsqueeze(3)
-                total[i] = g.sum(0) if total[i] is None else total[i] + g.sum(0)
+            # (x + noise - b) per sample multiplies that sample's gradients before the sum
+            weights = [(n[idx] - b.unsqueeze(0)).reshape(-1, *b.shape[1:]) if multiply_by_inputs
+                       else torch.ones((len(idx) * batch, *([1] * (b.ndim - 1))), dtype=b.dtype, device=b.device)
+                       for n, b in zip(noisy, baselines)]
+            grads = _gradients_at(ctx, scaled, len(idx), row_weights=weights)
+            total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
         return MethodResult(*_split([t / n_samples for t in total], ctx))

@@ -15,10 +15,11 @@ def _layer_outputs(ctx: EngineContext) -> tuple[torch.Tensor, torch.Tensor]:
         return layer(ctx.input_ids()[0]), layer(ctx.baseline_ids()[0])
 
 
-def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1, at_real_inputs: bool = False):
+def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1, at_real_inputs: bool = False,
+                     row_weights: torch.Tensor | None = None):
     layer_output = layer_output.detach().requires_grad_(True)
     scores = ctx.attributed_scores(ctx.forward_ids_with_layer(layer_output, repeat=repeat), at_real_inputs)
-    (grads,) = ctx.step_gradients(scores, [layer_output])
+    (grads,) = ctx.step_gradients(scores, [layer_output], row_weights=None if row_weights is None else [row_weights])
     return grads
 
 
@@ -47,8 +48,8 @@ class LayerIntegratedGradients(_LayerMethod):
     ) -> MethodResult:
         actual, baseline = _layer_outputs(ctx)
 
-        def run(scaled, repeat):
-            return [_layer_gradients(ctx, scaled[0], repeat)]
+        def run(scaled, repeat, row_weights):
+            return [_layer_gradients(ctx, scaled[0], repeat, row_weights=row_weights[0])]
 
         (total,) = integrate(ctx, [actual], [baseline], run, n_steps, method, internal_batch_size)
         if multiply_by_inputs:
