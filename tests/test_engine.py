@@ -275,3 +275,22 @@ def test_integration_points_are_summed_as_the_backwards_come(hf_models, monkeypa
     reference = am.attribute(prompts, targets, show_progress=False, **kwargs)
     for a, b in zip(summed, reference):
         torch.testing.assert_close(a.target_attributions, b.target_attributions, equal_nan=True)
+
+
+@pytest.mark.parametrize("method,kwargs", [("saliency", {}), ("integrated_gradients", {"n_steps": 8}),
+                                           ("gradient_shap", {"n_samples": 4, "seed": 0})])
+def test_bfloat16_model_gives_the_float32_maps_to_half_precision(hf_models, method, kwargs):
+    """Half-precision weights (what large models run in on GPUs) work end to end; sums over
+    integration points accumulate in float32, so the maps stay within bfloat16's resolution."""
+    model, tok = hf_models["llama"]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    texts = ("The cat", "The cat sat on the mat")
+    full = il.load_model(model, method, tokenizer=tok).attribute(*texts, step_scores=["probability"],
+                                                                 show_progress=False, **kwargs)[0]
+    low = il.load_model(half, method, tokenizer=tok).attribute(*texts, step_scores=["probability"],
+                                                               show_progress=False, **kwargs)[0]
+    assert low.target_attributions.dtype == torch.float32  # outputs are float32 whatever the model
+    a, b = full.aggregate(), low.aggregate()
+    torch.testing.assert_close(b.target_attributions, a.target_attributions, atol=5e-3, rtol=0, equal_nan=True)
+    torch.testing.assert_close(low.step_scores["probability"], full.step_scores["probability"], atol=1e-3, rtol=0)
+    assert next(half.parameters()).dtype == torch.bfloat16  # the model is left in its dtype

@@ -316,7 +316,9 @@ class EngineContext:
         # then reuses one hole for every chunk's temporary instead of stacking them up beside the
         # graph's buffers, and there is no join (a second copy) at the end.
         out_rows = self.batch.size if row_weights is not None else rows
-        results = [x.new_empty((out_rows, x.shape[1], n, *x.shape[2:])) for x in inputs]
+        # Sums over integration points accumulate in float32 even for half-precision models.
+        dtypes = [torch.promote_types(x.dtype, torch.float32) if row_weights is not None else x.dtype for x in inputs]
+        results = [x.new_empty((out_rows, x.shape[1], n, *x.shape[2:]), dtype=d) for x, d in zip(inputs, dtypes)]
         for start in range(0, n, chunk):
             steps = range(start, min(start + chunk, n))
             keep = retain_graph or steps.stop < n
@@ -326,7 +328,7 @@ class EngineContext:
                     result[:, :, steps.start : steps.stop].zero_()
                     continue
                 if row_weights is not None:  # [steps, R*B, L, D] -> [steps, B, L, D], weighted sum over R
-                    g = (g * row_weights[i]).view(len(steps), -1, out_rows, *g.shape[2:]).sum(1)
+                    g = (g.to(result.dtype) * row_weights[i]).view(len(steps), -1, out_rows, *g.shape[2:]).sum(1)
                 result[:, :, steps.start : steps.stop] = g.movedim(0, 2)  # [steps, rows, L, D] -> [rows, L, steps, D]
             del grads
             self.report_steps_done(steps)

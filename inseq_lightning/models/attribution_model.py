@@ -295,7 +295,7 @@ class AttributionModel:
         scores = {}
         for name, fn in step_fns.items():
             values = fn(args, **step_function_kwargs(fn, step_kwargs))
-            scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().cpu()
+            scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().float().cpu()  # like attributions
         return scores
 
     def _sequence_outputs(self, batch: Batch, granularity, source, target, scores, with_steps) -> FeatureAttributionOutput:

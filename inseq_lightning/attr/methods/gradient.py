@@ -108,7 +108,8 @@ def integrate(
     ctx.gradient_passes = len(chunks)
     for chunk in chunks:
         scaled = [torch.cat([b + alphas[a] * (x - b) for a in chunk], 0) for x, b in zip(inputs, baselines)]
-        weights = [torch.tensor([step_sizes[a] for a in chunk], dtype=x.dtype, device=x.device)
+        weights = [torch.tensor([step_sizes[a] for a in chunk], dtype=torch.promote_types(x.dtype, torch.float32),
+                                device=x.device)
                    .repeat_interleave(batch).view(-1, *([1] * (x.ndim - 1))) for x in inputs]  # [R*B, 1, 1]
         grads = run(scaled, len(chunk), weights)
         total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
