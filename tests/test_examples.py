@@ -60,3 +60,20 @@ def test_monitoring_examples_attribute_the_probes_and_log_to_tensorboard(tmp_pat
     assert [step for step, _ in sorted(logged[tag])] == expected_steps
     for (step, value), (printed_step, printed) in zip(sorted(logged[tag]), rows):
         assert step == printed_step and abs(value - printed) < 1e-4
+
+
+def test_readme_quick_start_runs_as_written(tmp_path):
+    """The README's quick start, extracted and run as a script: the README stays true."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Quick start"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    script = tmp_path / "quick_start.py"
+    script.write_text(code + "\nprint('column sums', [round(float(v), 4) for v in scores.nansum(0)])\n"
+                             "print('html chars', len(html))\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=False,
+                          timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    sums = re.search(r"column sums \[(.*?)\]", done.stdout).group(1).split(", ")
+    assert len(sums) >= 5 and all(float(v) == 1.0 for v in sums)  # the comment's promise
+    assert int(re.search(r"html chars (\d+)", done.stdout).group(1)) > 1000
+    assert (tmp_path / "attributions.json").stat().st_size > 0
