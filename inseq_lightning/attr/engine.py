@@ -264,6 +264,11 @@ class EngineContext:
             self.record_step_scores(logits)
         return self.scores(logits)
 
+    def real_step_logits(self) -> torch.Tensor:
+        """``[B, N, V]`` step logits of a fresh forward on the real inputs (for step scores when the
+        method never ran one, and for step functions that forward again)."""
+        return self.step_logits(self.forward(self.embeddings()).logits)
+
     def record_step_scores(self, step_logits: torch.Tensor) -> None:
         """Step scores from ``[B, N, V]`` step logits at the real inputs (the first such call wins)."""
         if self.step_scorer is not None and self.step_score_values is None:
@@ -290,11 +295,11 @@ class EngineContext:
 
     def step_gradients(
         self, scores: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False,
-        row_weights: Sequence[torch.Tensor] | None = None,
+        row_weights: Sequence[torch.Tensor | float] | None = None,
     ) -> list[torch.Tensor]:
         """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input.
 
-        ``row_weights`` (one per input, broadcastable to it, e.g. ``[R*B, 1, 1]``): the rows are
+        ``row_weights`` (one per input, broadcastable to it, e.g. ``[R*B, 1, 1]``, or a number): the rows are
         ``R`` stacked copies of the batch (integration points, samples) and each chunk's gradients
         are weighted and summed over the copies as they come, giving ``[B, L, N, ...]``. Only the
         sum is ever held: with 50 integration points the per-point gradients would be 50 times

@@ -274,7 +274,7 @@ class AttributionModel:
             result = attribution.attribute(ctx, **method_kwargs)
             if step_fns and ctx.step_score_values is None:  # the method never ran the real inputs
                 with torch.no_grad():
-                    ctx.record_step_scores(ctx.step_logits(ctx.forward(ctx.embeddings()).logits))
+                    ctx.record_step_scores(ctx.real_step_logits())
             scores = ctx.step_score_values or {}
         # Methods without per-step backwards (attention, occlusion, dummy) finish the batch at once.
         advance(ctx.num_tokens - ctx.reported_tokens)
@@ -288,7 +288,7 @@ class AttributionModel:
         """``{name: [B, N]}`` step scores from the detached ``[B, N, V]`` step logits at the real inputs."""
 
         def forward_again() -> torch.Tensor:
-            fresh = ctx.step_logits(ctx.forward(ctx.embeddings()).logits)
+            fresh = ctx.real_step_logits()
             return fresh.reshape(-1, fresh.shape[-1])
 
         args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)

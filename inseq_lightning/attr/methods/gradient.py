@@ -17,7 +17,7 @@ def _split(grads: list[torch.Tensor], ctx: EngineContext) -> tuple[torch.Tensor 
 
 
 def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1, at_real_inputs: bool = False,
-                  row_weights: list[torch.Tensor] | None = None):
+                  row_weights: list[torch.Tensor | float] | None = None):
     """Forward on ``inputs`` and per-step gradients: a list of ``[R*B, L, N, D]``, one per input
     (``[B, L, N, D]`` weighted sums over the R copies with ``row_weights``, see ``step_gradients``).
     ``at_real_inputs``: ``inputs`` are the unperturbed embeddings (the step scores are read too)."""
@@ -181,8 +181,7 @@ class GradientShap(AttributionMethod):
             c = coeff[idx].view(len(idx), batch, 1, 1)
             scaled = [(c * n[idx] + (1 - c) * b.unsqueeze(0)).reshape(-1, *b.shape[1:]) for n, b in zip(noisy, baselines)]
             # (x + noise - b) per sample multiplies that sample's gradients before the sum
-            weights = [(n[idx] - b.unsqueeze(0)).reshape(-1, *b.shape[1:]) if multiply_by_inputs
-                       else torch.ones((len(idx) * batch, *([1] * (b.ndim - 1))), dtype=b.dtype, device=b.device)
+            weights = [(n[idx] - b.unsqueeze(0)).reshape(-1, *b.shape[1:]) if multiply_by_inputs else 1.0
                        for n, b in zip(noisy, baselines)]
             grads = _gradients_at(ctx, scaled, len(idx), row_weights=weights)
             total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
