@@ -4,12 +4,17 @@ Three families cover the position schemes and embedding conventions attribution 
 GPT-2 (absolute positions, no BOS added, EOS doubles as BOS/UNK), Llama (rotary positions, BOS
 added, UNK token) and Marian (encoder-decoder, ``embed_scale = sqrt(d_model)`` applied outside the
 embedding layer, decoder start = PAD).
+
+Three tokenizer families cover how text and tokens map to each other: byte-level BPE (GPT-2:
+``Ġ`` marks a space, multi-byte characters span tokens), SentencePiece-style Metaspace (Llama-2,
+Mistral: ``▁`` marks a space and decoding drops the first one) and WordPiece (BERT: ``##`` marks a
+word's continuation, decoding re-spaces punctuation). Any of them can drive :func:`tiny_llama`.
 """
 
 from functools import cache
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -67,6 +72,34 @@ def marian_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
+@cache
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE as Llama-2 and Mistral ship it: ``▁`` for spaces, a space prepended to the
+    first word only, BOS added; ``decode`` drops the first token's leading space."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@cache
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT-style WordPiece (``##`` continuations, punctuation split off); no special tokens added."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[PAD]", "[SEP]"],
+                                                              show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]")
+
+
+TOKENIZERS = {"byte_level": gpt2_tokenizer, "metaspace": metaspace_tokenizer, "wordpiece": wordpiece_tokenizer}
+
+
 def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0, **config) -> tuple:
     tok = gpt2_tokenizer()
     torch.manual_seed(seed)
@@ -76,12 +109,13 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0
     return GPT2LMHeadModel(cfg).eval(), tok
 
 
-def tiny_llama(seed: int = 0, **config) -> tuple:
-    tok = llama_tokenizer()
+def tiny_llama(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None, **config) -> tuple:
+    tok = tokenizer or llama_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **config)
     return LlamaForCausalLM(cfg).eval(), tok
 
 

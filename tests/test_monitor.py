@@ -23,7 +23,7 @@ from inseq_lightning.monitor import (
     evidence_mass,
     map_drift,
 )
-from inseq_lightning.monitor.drift import column_drift
+from inseq_lightning.monitor.drift import DRIFT_METRICS, column_drift
 from inseq_lightning.sinks import FileSink, Sink
 from inseq_lightning.sinks.render import markdown_table, markdown_token
 
@@ -44,7 +44,8 @@ def test_identical_maps_have_no_drift():
     m = _map([[0.5, 0.2], [0.3, 0.3], [0.2, 0.5]])
     d = map_drift(m, m)
     assert d == pytest.approx({"cosine": 1.0, "js_divergence": 0.0, "top1_agreement": 1.0,
-                               "top3_agreement": 1.0, "spearman": 1.0})
+                               "top3_agreement": 1.0, "spearman": 1.0, "tokens_compared": 2.0,
+                               "tokens_undefined": 0.0, "continuation_changed": 0.0})
 
 
 def test_column_drift_matches_hand_computed_values():
@@ -73,7 +74,9 @@ def test_spearman_handles_ties_and_top_k_uses_source_rows_only():
 def test_maps_with_different_tokens_are_not_compared():
     a = _map([[0.5], [0.5]], rows=[1, 2])
     b = _map([[0.5], [0.5]], rows=[1, 3])
-    assert all(math.isnan(v) for v in map_drift(a, b).values())
+    drift = map_drift(a, b)
+    assert all(math.isnan(drift[name]) for name in DRIFT_METRICS)
+    assert drift["tokens_compared"] == 0.0
 
 
 def test_evidence_mass_is_the_share_on_evidence_rows():

@@ -1,6 +1,7 @@
 """From raw scores to shown scores: reduce extra dimensions, normalize columns, merge token spans."""
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,33 @@ def merge_spans(scores: torch.Tensor, spans: Sequence[tuple[int, int]], dim: int
     if cursor < scores.shape[dim]:
         pieces.append(scores.narrow(dim, cursor, scores.shape[dim] - cursor))
     return torch.cat(pieces, dim)
+
+
+def merge_cell_spans(
+    scores: torch.Tensor | None,
+    row_spans: Sequence[tuple[int, int]],
+    column_spans: Sequence[tuple[int, int]],
+    fn: str | Callable,
+) -> torch.Tensor | None:
+    """Merge ``row_spans`` of ``scores`` ``[rows, steps, ...]`` along dim 0, then ``column_spans`` along dim 1:
+    for each function of ``AGGREGATION_FUNCTIONS``, a merged cell is ``fn`` over its block of original cells."""
+    if scores is None:
+        return None
+    if row_spans:
+        scores = merge_spans(scores, row_spans, 0, fn)
+    if column_spans:
+        scores = merge_spans(scores, column_spans, 1, fn)
+    return scores
+
+
+def split_spans(spans: Sequence[tuple[int, int]], boundaries: Sequence[int]) -> list[tuple[int, int]]:
+    """Cut every span ``[start, end)`` at each boundary strictly inside it; one-token pieces are dropped
+    (there is nothing to merge in them)."""
+    out = []
+    for start, end in spans:
+        cuts = [start, *sorted(b for b in set(boundaries) if start < b < end), end]
+        out.extend((s, e) for s, e in pairwise(cuts) if e - s > 1)
+    return out
 
 
 def validate_spans(spans: Sequence[tuple[int, int]] | None, length: int, what: str) -> list[tuple[int, int]]:

@@ -12,9 +12,11 @@ from .aggregation import (
     AGGREGATION_FUNCTIONS,
     DEFAULT_AGGREGATORS,
     get_aggregation_function,
+    merge_cell_spans,
     merge_spans,
     normalize_columns,
     rescale_global,
+    split_spans,
     subword_spans,
     validate_spans,
 )
@@ -41,6 +43,31 @@ class FeatureAttributionStepOutput:
     target_attributions: torch.Tensor | None
     step_scores: dict[str, torch.Tensor]
     target: list[TokenWithId]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_attributions": self.source_attributions,
+            "target_attributions": self.target_attributions,
+            "step_scores": dict(self.step_scores),
+            "target": [[t.token, t.id] for t in self.target],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureAttributionStepOutput":
+        return cls(data["source_attributions"], data["target_attributions"], dict(data["step_scores"]),
+                   [TokenWithId(t, i) for t, i in data["target"]])
+
+    def row(self, index: int, source_len: int | None = None, target_len: int | None = None,
+            ) -> "FeatureAttributionStepOutput":
+        """The same step for one sequence of the batch (``index``: its row in this step), its token
+        dimension cut to ``source_len`` / ``target_len`` (the batch pads it with NaN)."""
+        def pick(t: torch.Tensor | None, length: int | None) -> torch.Tensor | None:
+            return t[index : index + 1, :length] if t is not None else None
+
+        return FeatureAttributionStepOutput(pick(self.source_attributions, source_len),
+                                            pick(self.target_attributions, target_len),
+                                            {k: v[index : index + 1] for k, v in self.step_scores.items()},
+                                            [self.target[index]])
 
 
 @dataclass
@@ -95,7 +122,9 @@ class FeatureAttributionSequenceOutput:
                 over heads then ``mean`` over layers; occlusion: nothing), an aggregation function
                 name (``mean max min sum prod absmax vnorm``), ``"spans"`` (merge ``source_spans`` /
                 ``target_spans`` with ``absmax``), ``"subwords"`` (merge the tokens of each word), or a
-                list of these applied in order.
+                list of these applied in order. A span or word that crosses ``attr_pos_start`` or
+                ``attr_pos_end`` is split there (a prompt token is never a step); on decoder-only outputs
+                the source is the prompt and follows the target, so ``source_spans`` are refused.
             aggregate_fn: function used by ``"spans"``/``"subwords"`` (default ``absmax``).
             normalize: divide each step's column by its L1 norm (default True unless ``rescale``).
             rescale: divide by the global absolute maximum instead.
@@ -148,37 +177,44 @@ class FeatureAttributionSequenceOutput:
         return replace(self, source_attributions=src, target_attributions=tgt, aggregated=done)
 
     def _merge_spans(self, source_spans, target_spans, fn) -> "FeatureAttributionSequenceOutput":
-        src, tgt = self.source_attributions, self.target_attributions
-        source, target, scores = list(self.source), list(self.target), dict(self.step_scores)
-        s_spans = validate_spans(source_spans, len(source), "source") if src is not None or source_spans else []
-        t_spans = validate_spans(target_spans, len(target), "target")
-        if s_spans and src is not None:
-            src = merge_spans(src, s_spans, 0, fn)
-        source = _merge_tokens(source, s_spans)
+        """Merge each span ``[start, end)`` of tokens into one token (their strings joined) whose scores are
+        ``fn`` over the merged rows; a target span of attributed positions also merges its step columns
+        (and step scores, with the step function's ``spans`` aggregation).
+
+        A target span that crosses ``attr_pos_start`` or ``attr_pos_end`` (a word cut by the prompt's end,
+        say) is split there and its pieces merged separately; user spans follow the same rule. Decoder-only
+        outputs take no ``source_spans``: their source is ``target[:attr_pos_start]`` and is merged with it.
+        """
         start, end = self.attr_pos_start, self.attr_pos_end
-        step_spans = [(s - start, e - start) for s, e in t_spans if s >= start and e <= end]
-        if t_spans and tgt is not None:
-            tgt = merge_spans(tgt, t_spans, 0, fn)
-        if step_spans:
-            if src is not None:
-                src = merge_spans(src, step_spans, 1, fn)
-            if tgt is not None:
-                tgt = merge_spans(tgt, step_spans, 1, fn)
-            scores = {
-                name: merge_spans(v, step_spans, 0, step_function_aggregate_map(name).get("spans", "absmax"))
-                for name, v in scores.items()
-            }
-        removed_before_start = sum(e - s - 1 for s, e in t_spans if e <= start)
-        removed_in_range = sum(e - s - 1 for s, e in step_spans)
+        decoder_only = self.source_attributions is None and self.source == self.target[:start]
+        if decoder_only and source_spans:
+            raise ValueError(
+                "This decoder-only output's source is the prompt, target[:attr_pos_start]: pass the prompt's "
+                "spans as target_spans."
+            )
+        # A prompt token is context, never a step: merging it into a step's column would give that column
+        # the prompt token's label and move attr_pos_start into the prompt. Splitting at attr_pos_start keeps
+        # the prompt piece one context row and the continuation piece one step span (likewise at attr_pos_end,
+        # past which tokens are neither steps nor scored rows).
+        t_spans = split_spans(validate_spans(target_spans, len(self.target), "target"), (start, end))
+        s_spans = validate_spans(source_spans, len(self.source), "source")
+        step_spans = [(s - start, e - start) for s, e in t_spans if start <= s and e <= end]
+        tgt = self.target_attributions
+        rows = tgt.shape[0] if tgt is not None else 0
+        merged_target = _merge_tokens(self.target, t_spans)
+        merged_start = start - sum(e - s - 1 for s, e in t_spans if e <= start)
         return replace(
             self,
-            source=source,
-            target=_merge_tokens(target, t_spans),
-            source_attributions=src,
-            target_attributions=tgt,
-            step_scores=scores,
-            attr_pos_start=start - removed_before_start,
-            attr_pos_end=end - removed_before_start - removed_in_range,
+            source=merged_target[:merged_start] if decoder_only else _merge_tokens(self.source, s_spans),
+            target=merged_target,
+            source_attributions=merge_cell_spans(self.source_attributions, s_spans, step_spans, fn),
+            target_attributions=merge_cell_spans(tgt, [(s, e) for s, e in t_spans if e <= rows], step_spans, fn),
+            step_scores={
+                name: merge_spans(v, step_spans, 0, step_function_aggregate_map(name).get("spans", "absmax"))
+                for name, v in self.step_scores.items()
+            },
+            attr_pos_start=merged_start,
+            attr_pos_end=end - sum(e - s - 1 for s, e in t_spans if e <= end),
         )
 
     # ---- conveniences -----------------------------------------------------------------------
@@ -267,6 +303,27 @@ class FeatureAttributionOutput:
         from .serialization import load_output
 
         return load_output(path)
+
+
+# Info values that hold one entry per sequence (the rest describe the whole call).
+_PER_SEQUENCE_INFO = ("input_texts", "generated_texts")
+
+
+def output_for_sequence(output: FeatureAttributionOutput, index: int) -> FeatureAttributionOutput:
+    """A :class:`FeatureAttributionOutput` holding sequence ``index`` of ``output`` alone, with its own
+    ``info`` (method, arguments, that sequence's texts) and, when present, its per-step outputs."""
+    info = {key: ([value[index]] if key in _PER_SEQUENCE_INFO and isinstance(value, list) else copy.deepcopy(value))
+            for key, value in output.info.items()}
+    steps = None
+    if output.step_attributions is not None:
+        # Step k holds one row per sequence that has a k-th step, in batch order.
+        n_steps = [s.attr_pos_end - s.attr_pos_start for s in output.sequence_attributions]
+        seq = output.sequence_attributions[index]
+        steps = []
+        for k, step in enumerate(output.step_attributions):
+            if k < n_steps[index]:
+                steps.append(step.row(sum(1 for n in n_steps[:index] if n > k), len(seq.source), len(seq.target)))
+    return FeatureAttributionOutput([output.sequence_attributions[index]], steps, info)
 
 
 def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAttributionOutput:

@@ -83,15 +83,28 @@ def save_output(output, path, overwrite=False, compress=False, ndarray_compact=T
             "format": "inseq_lightning.FeatureAttributionOutput",
             "version": FORMAT_VERSION,
             "sequence_attributions": [_to_json(s.to_dict(), scores_precision, use_primitives) for s in sequences],
-            "step_attributions": None,
+            "step_attributions": _step_payload(output, sequences, split_sequences, i, scores_precision, use_primitives),
             "info": _to_json(output.info, scores_precision, use_primitives),
         }
         target = path if not split_sequences else path.with_name(f"{path.stem}_{i}{path.suffix}")
         _write(target, payload, compress, ndarray_compact, overwrite)
 
 
+def _step_payload(output, sequences, split_sequences: bool, index: int, precision: str, use_primitives: bool):
+    """The per-step outputs of the sequences being written (None when the output has none)."""
+    if output.step_attributions is None:
+        return None
+    if split_sequences:
+        from .outputs import output_for_sequence
+
+        steps = output_for_sequence(output, index).step_attributions
+    else:
+        steps = output.step_attributions
+    return [_to_json(step.to_dict(), precision, use_primitives) for step in steps]
+
+
 def load_output(path):
-    from .outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
+    from .outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, FeatureAttributionStepOutput
 
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -100,4 +113,6 @@ def load_output(path):
     if payload.get("format") != "inseq_lightning.FeatureAttributionOutput":
         raise ValueError(f"{path} is not an inseq-lightning attribution file")
     sequences = [FeatureAttributionSequenceOutput.from_dict(_from_json(s)) for s in payload["sequence_attributions"]]
-    return FeatureAttributionOutput(sequences, None, _from_json(payload["info"]))
+    steps = payload.get("step_attributions")
+    steps = [FeatureAttributionStepOutput.from_dict(_from_json(step)) for step in steps] if steps is not None else None
+    return FeatureAttributionOutput(sequences, steps, _from_json(payload["info"]))

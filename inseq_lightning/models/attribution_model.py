@@ -24,7 +24,7 @@ from ..data.outputs import (
 from ..errors import InvalidInputError
 from ..utils.model_state import preserve_model_state
 from .batch import Batch
-from .tokenization import SpecialIds, build_batch, check_texts
+from .tokenization import SpecialIds, build_batch, check_texts, encode_input
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,41 @@ class AttributionModel:
         return self.model.get_input_embeddings()(ids) * self.embed_scale
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, input_texts: list[str], skip_special_tokens: bool = False, **generation_args) -> list[str]:
-        """Greedy/sampled generation; decoder-only results are the prompt followed by the continuation."""
-        texts = []
+    def generate_ids(self, input_texts: list[str], skip_special_tokens: bool = False,
+                     **generation_args) -> list[list[int]]:
+        """The model's own generation from each input, as ids, exactly as ``model.generate`` returns them.
+
+        Decoder-only: the prompt's ids (as attribution tokenizes it) followed by the new ids;
+        encoder-decoder: the decoder start token followed by the new ids. Special tokens the model
+        generates (EOS) are kept. One input at a time, so no padding enters the results.
+        """
+        results = []
         with preserve_model_state(self.model), torch.no_grad():
             self.model.eval()
             for text in input_texts:
-                enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not skip_special_tokens).to(self.device)
+                ids = encode_input(self, text, skip_special_tokens)
+                input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
                 args = {"pad_token_id": self.special_ids.pad, **dict(generation_args)}
-                out = self.model.generate(**enc, **args)
-                if self.is_encoder_decoder:
-                    texts.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
-                else:
-                    new = out[0, enc["input_ids"].shape[1]:]
-                    texts.append(text + self.tokenizer.decode(new, skip_special_tokens=True))
-        return texts
+                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **args)
+                results.append(out[0].tolist())
+        return results
+
+    def decode_generation(self, input_text: str, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of one :meth:`generate_ids` result: decoder-only, ``input_text`` followed by the
+        decoded continuation; encoder-decoder, the decoded target (special tokens left out)."""
+        if self.is_encoder_decoder:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        new = ids[len(encode_input(self, input_text, skip_special_tokens)):]
+        return input_text + self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def generate(self, input_texts: list[str], skip_special_tokens: bool = False, **generation_args) -> list[str]:
+        """Greedy/sampled generation as text; decoder-only results hold the prompt and the continuation.
+
+        To attribute a generation, let :meth:`attribute` generate (``generated_texts=None``): it keeps
+        the generated ids, where this text may tokenize differently.
+        """
+        generated = self.generate_ids(input_texts, skip_special_tokens, **generation_args)
+        return [self.decode_generation(text, ids, skip_special_tokens) for text, ids in zip(input_texts, generated)]
 
     # ---- attribution --------------------------------------------------------------------------
     def attribute(
@@ -170,8 +190,13 @@ class AttributionModel:
         step_fns = {name: get_step_function(name) for name in step_scores}
         method_kwargs, score_kwargs = self._route_kwargs(attribution, score_fn, step_fns, kwargs)
         generation_args = dict(generation_args or {})
+        generated_ids = None
         if generated_texts is None:
-            generated_list = self.generate(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
+            # The generated ids are attributed as they are: decoded text re-tokenizes differently
+            # (a Metaspace tokenizer drops the first space, partial UTF-8 bytes become U+FFFD).
+            generated_ids = self.generate_ids(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
+            generated_list = [self.decode_generation(text, ids, skip_special_tokens)
+                              for text, ids in zip(input_list, generated_ids)]
         else:
             generated_list = [generated_texts] if isinstance(generated_texts, str) else list(generated_texts)
             if len(generated_list) != len(input_list):
@@ -180,7 +205,7 @@ class AttributionModel:
                     "pass one target per input"
                 )
             check_texts("generated_texts", generated_list)
-        if not self.is_encoder_decoder:
+        if not self.is_encoder_decoder and generated_ids is None:
             for i, (prompt, full) in enumerate(zip(input_list, generated_list)):
                 if not full.startswith(prompt):
                     raise InvalidInputError(
@@ -193,8 +218,10 @@ class AttributionModel:
         # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
         with torch.inference_mode(False):
             # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
-            batches = [build_batch(self, [input_list[i] for i in chunk], [generated_list[i] for i in chunk],
-                                   attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens)
+            batches = [build_batch(self, [input_list[i] for i in chunk],
+                                   None if generated_ids is not None else [generated_list[i] for i in chunk],
+                                   attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens,
+                                   generated_ids=[generated_ids[i] for i in chunk] if generated_ids is not None else None)
                        for chunk in chunks]
             total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
             with _progress(show_progress, method_name, total_tokens) as advance:

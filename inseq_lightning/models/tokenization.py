@@ -54,6 +54,12 @@ def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos
     return ids
 
 
+def encode_input(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
+    """The ids of an input text as attribution sees them (decoder-only: the prompt; encoder-decoder: the source)."""
+    bos = None if wrapper.is_encoder_decoder else wrapper.special_ids.bos
+    return _encode(wrapper.tokenizer, text, not skip_special_tokens, False, bos)
+
+
 def baseline_ids(ids: list[int], special: SpecialIds, include_eos_baseline: bool) -> list[int]:
     """UNK at every position; EOS positions stay EOS unless ``include_eos_baseline``."""
     if include_eos_baseline:
@@ -90,19 +96,31 @@ def _check_length(model, name: str, index: int, ids: list[int]) -> None:
 def build_batch(
     wrapper,
     input_texts: list[str],
-    generated_texts: list[str],
+    generated_texts: list[str] | None,
     attr_pos_start: int | None,
     attr_pos_end: int | None,
     include_eos_baseline: bool,
     skip_special_tokens: bool,
+    generated_ids: list[list[int]] | None = None,
 ) -> Batch:
-    """Tokenize texts into a right-padded :class:`Batch` with the positions each sequence attributes."""
+    """Tokenize texts into a right-padded :class:`Batch` with the positions each sequence attributes.
+
+    ``generated_ids`` (instead of ``generated_texts``) are target ids taken as they are: decoder-only,
+    the prompt's ids followed by the continuation's; encoder-decoder, the decoder start token followed
+    by the target's. A model's own generation is attributed this way, so that the attributed tokens
+    are exactly the generated ones (decoding and re-tokenizing can merge, split or drop tokens).
+    """
     tok, special = wrapper.tokenizer, wrapper.special_ids
     add_special = not skip_special_tokens
     tokens = lambda ids: [str(t) for t in tok.convert_ids_to_tokens(ids)]
+    if (generated_texts is None) == (generated_ids is None):
+        raise ValueError("build_batch takes either generated_texts or generated_ids")
     if wrapper.is_encoder_decoder:
         sources = [_encode(tok, t, add_special, False, None) for t in input_texts]
-        targets = [[special.bos] + _encode(tok, t, add_special, True, None) for t in generated_texts]
+        if generated_ids is not None:
+            targets = [ids if ids[:1] == [special.bos] else [special.bos] + ids for ids in map(list, generated_ids)]
+        else:
+            targets = [[special.bos] + _encode(tok, t, add_special, True, None) for t in generated_texts]
         for i, (s, t) in enumerate(zip(sources, targets)):
             _check_length(wrapper.model, "input_texts", i, s)
             _check_length(wrapper.model, "generated_texts", i, t)
@@ -122,7 +140,13 @@ def build_batch(
                       src_ids, src_mask, src_base, [tokens(s) for s in sources])
     else:
         prompts = [_encode(tok, t, add_special, False, special.bos) for t in input_texts]
-        fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
+        if generated_ids is not None:
+            fulls = [list(ids) for ids in generated_ids]
+            for i, (p, f) in enumerate(zip(prompts, fulls)):
+                if f[: len(p)] != p:
+                    raise InvalidInputError(f"generated_ids[{i}] does not start with the ids of its prompt")
+        else:
+            fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
         positions = []
         for i, (p, f) in enumerate(zip(prompts, fulls)):
             _check_length(wrapper.model, "generated_texts", i, f)

@@ -3,7 +3,14 @@
 A map is a probe's aggregated, normalized attributions laid out as ``[rows, steps]``: rows are
 the context tokens (source tokens, then target-prefix tokens when they were attributed), columns
 are the attributed target tokens; NaN marks a token that did not exist yet at that step. Every
-metric is computed per column over the rows valid in both maps, then averaged over columns.
+metric is computed per column over the rows valid in both maps, then averaged over the columns
+where it is defined.
+
+Two maps are compared over the longest common prefix of their attributed tokens (all of them for
+teacher-forced probes; in generate mode, the steps before the continuations part): a step is
+compared only when every token it could see is the same in both maps. How much was compared is
+reported beside the metrics (:data:`DRIFT_COVERAGE`), so that a mean is never read as covering
+more than it does.
 """
 
 import math
@@ -14,6 +21,10 @@ import numpy as np
 from ..data.outputs import FeatureAttributionSequenceOutput
 
 DRIFT_METRICS = ("cosine", "js_divergence", "top1_agreement", "top3_agreement", "spearman")
+# What a drift comparison covered: attributed tokens (columns) compared, compared tokens where some
+# metric is undefined (an all-zero column has no direction and no ranking), and whether the
+# attributed continuation differs from the one compared with (generate mode).
+DRIFT_COVERAGE = ("tokens_compared", "tokens_undefined", "continuation_changed")
 
 
 @dataclass
@@ -48,6 +59,22 @@ class AttributionMap:
         """Same tokens in the same places (always true for teacher-forced probes)."""
         return self.row_ids == other.row_ids and self.column_ids == other.column_ids
 
+    def common_columns(self, other: "AttributionMap") -> tuple[int, int]:
+        """``(rows, columns)``: the leading rows and columns the two maps can be compared on.
+
+        The columns are the longest common prefix of the attributed tokens whose valid rows (the
+        tokens that step could see) all lie in the common prefix of the rows; the rows are that
+        common prefix. ``(0, 0)`` when the source tokens differ.
+        """
+        if self.n_source != other.n_source or self.row_ids[: self.n_source] != other.row_ids[: other.n_source]:
+            return 0, 0
+        rows = _common_prefix(self.row_ids, other.row_ids)
+        columns = _common_prefix(self.column_ids, other.column_ids)
+        for j in range(columns):
+            if _last_valid_row(self.scores[:, j]) >= rows or _last_valid_row(other.scores[:, j]) >= rows:
+                return rows, j
+        return rows, columns
+
     def to_state(self) -> dict:
         return {"scores": [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in self.scores],
                 "row_ids": list(self.row_ids), "column_ids": list(self.column_ids), "n_source": self.n_source}
@@ -57,6 +84,20 @@ class AttributionMap:
         scores = np.array([[np.nan if v is None else v for v in row] for row in state["scores"]], dtype=float)
         return cls(scores.reshape(len(state["row_ids"]), len(state["column_ids"])), tuple(state["row_ids"]),
                    tuple(state["column_ids"]), int(state["n_source"]))
+
+
+def _common_prefix(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _last_valid_row(column: np.ndarray) -> int:
+    valid = np.flatnonzero(~np.isnan(column))
+    return int(valid[-1]) if len(valid) else -1
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -108,8 +149,9 @@ def column_drift(a: np.ndarray, b: np.ndarray, n_source: int) -> dict[str, float
     if len(x) >= 2:
         out["spearman"] = _pearson(_ranks(x), _ranks(y))
     src = valid[:n_source]
-    if src.any():
-        sa, sb = np.abs(a[:n_source][src]), np.abs(b[:n_source][src])
+    sa, sb = np.abs(a[:n_source][src]), np.abs(b[:n_source][src])
+    # An all-zero column ranks nothing: agreement with it is undefined, not perfect (ties by index).
+    if src.any() and sa.sum() > 0 and sb.sum() > 0:
         out["top1_agreement"] = float(_top_k(sa, 1) == _top_k(sb, 1))
         k = min(3, len(sa))
         out["top3_agreement"] = len(_top_k(sa, k) & _top_k(sb, k)) / k
@@ -122,12 +164,19 @@ def _nanmean(values: list[float]) -> float:
 
 
 def map_drift(current: AttributionMap, other: AttributionMap) -> dict[str, float]:
-    """Column-averaged drift metrics; all NaN when the maps hold different tokens."""
-    if not current.comparable(other):
-        return dict.fromkeys(DRIFT_METRICS, math.nan)
-    per_column = [column_drift(current.scores[:, j], other.scores[:, j], current.n_source)
-                  for j in range(current.scores.shape[1])]
-    return {name: _nanmean([c[name] for c in per_column]) for name in DRIFT_METRICS}
+    """Drift metrics averaged over the compared columns (see :meth:`AttributionMap.common_columns`),
+    each over the columns where it is defined, and the :data:`DRIFT_COVERAGE` counts.
+
+    Metrics are NaN when no column could be compared or none defines them.
+    """
+    rows, columns = current.common_columns(other)
+    per_column = [column_drift(current.scores[:rows, j], other.scores[:rows, j], current.n_source)
+                  for j in range(columns)]
+    out = {name: _nanmean([c[name] for c in per_column]) for name in DRIFT_METRICS}
+    out["tokens_compared"] = float(columns)
+    out["tokens_undefined"] = float(sum(any(math.isnan(v) for v in c.values()) for c in per_column))
+    out["continuation_changed"] = float(current.column_ids != other.column_ids)
+    return out
 
 
 def evidence_mass(attribution_map: AttributionMap, evidence_rows: list[int]) -> float:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..attr.methods import get_method
 from ..attr.step_functions import get_step_function
-from ..data.outputs import FeatureAttributionOutput
+from ..data.outputs import FeatureAttributionOutput, output_for_sequence
 from ..errors import InseqLightningError
 from ..models.attribution_model import AttributionModel
 from ..utils.sharding import has_sharded_parameters
@@ -101,18 +101,20 @@ class ProbeMonitor:
             self._wrapper_cache = AttributionModel(model, tokenizer, self.method)
         return self._wrapper_cache
 
-    def _targets(self, wrapper: AttributionModel, probes: list[Probe]) -> list[str]:
+    def _targets(self, wrapper: AttributionModel, probes: list[Probe]) -> list[str] | None:
         if self.probes.generate:
-            return wrapper.generate([p.prompt for p in probes], **self.probes.generation_args)
+            return None  # attribute() generates and keeps the generated ids
         if wrapper.is_encoder_decoder:
             return [p.target for p in probes]
         # Decoder-only targets may omit their prompt.
         return [p.target if p.target.startswith(p.prompt) else p.prompt + p.target for p in probes]
 
     def _attribute(self, wrapper: AttributionModel, probes: list[Probe]) -> FeatureAttributionOutput:
+        generation = {"generation_args": dict(self.probes.generation_args)} if self.probes.generate else {}
         return wrapper.attribute(
             [p.prompt for p in probes], self._targets(wrapper, probes), method=self.method,
-            step_scores=self.step_scores, show_progress=False, batch_size=self.batch_size, **self.method_kwargs,
+            step_scores=self.step_scores, show_progress=False, batch_size=self.batch_size, **generation,
+            **self.method_kwargs,
         )
 
     def attribute_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -135,8 +137,7 @@ class ProbeMonitor:
                 except Exception:  # noqa: BLE001 - retried below probe by probe, which reports the culprit
                     out = None
                 if out is not None:
-                    outputs.update({p.name: FeatureAttributionOutput([seq], dict(out.info))
-                                    for p, seq in zip(chunk, out.sequence_attributions)})
+                    outputs.update({p.name: output_for_sequence(out, i) for i, p in enumerate(chunk)})
                     continue
                 for probe in chunk:
                     try:
@@ -220,8 +221,8 @@ class ProbeMonitor:
         history = self.history.probe(probe.name)
         if history.reference is not None:
             result.reference_step, result.previous_step = history.reference_step, history.previous_step
-            result.drift_reference = map_drift(current, history.reference)
-            result.drift_previous = map_drift(current, history.previous)
+            result.drift_reference = self._drift(current, history.reference)
+            result.drift_previous = self._drift(current, history.previous)
             result.score_change_reference = _changes(scores, history.reference_scores)
             result.score_change_previous = _changes(scores, history.previous_scores)
         else:
@@ -229,6 +230,12 @@ class ProbeMonitor:
         history.previous, history.previous_step, history.previous_scores = current, step, scores
         history.rows.append({"step": step, **{k: round(v, 6) for k, v in result.scalars().items()}})
         return result
+
+    def _drift(self, current: AttributionMap, other: AttributionMap) -> dict[str, float]:
+        drift = map_drift(current, other)
+        if not self.probes.generate:  # teacher-forced continuations never change
+            drift.pop("continuation_changed")
+        return drift
 
     def publish(self, report: MonitorReport, sinks: Sequence) -> None:
         """Hand the report to each sink; a sink that raises is reported once and skipped."""

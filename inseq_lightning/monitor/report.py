@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
-from .drift import DRIFT_METRICS
+from .drift import DRIFT_COVERAGE, DRIFT_METRICS
 from .probes import Probe
 
 
@@ -17,7 +17,9 @@ class ProbeResult:
         output: the raw attribution (one sequence), loadable with ``FeatureAttributionOutput.load``.
         aggregated: the aggregated, normalized sequence used for drift, tables, HTML and figures.
         step_scores: mean of each step score over the attributed tokens.
-        drift_reference, drift_previous: drift metrics against the first and the previous pass.
+        drift_reference, drift_previous: drift metrics against the first and the previous pass, and
+            what they cover (``tokens_compared``, ``tokens_undefined``; in generate mode also
+            ``continuation_changed``, 1.0 when the attributed continuation differs).
         score_change_reference, score_change_previous: change of each mean step score.
         evidence_mass: share of attribution on the evidence tokens (NaN without evidence).
         evidence_rows: the evidence tokens' rows in the attribution map.
@@ -42,7 +44,7 @@ class ProbeResult:
         values: dict[str, float] = {}
         for name, value in self.step_scores.items():
             values[f"step_score/{name}"] = value
-        for name in DRIFT_METRICS:
+        for name in (*DRIFT_METRICS, *DRIFT_COVERAGE):
             values[f"drift_ref/{name}"] = self.drift_reference.get(name, math.nan)
             values[f"drift_prev/{name}"] = self.drift_previous.get(name, math.nan)
         for name, value in self.score_change_reference.items():
@@ -69,7 +71,14 @@ class MonitorReport:
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def scalars(self) -> dict[str, float]:
-        """Every scalar under its full tag: ``<prefix>/<probe>/<name>`` and the probe mean ``<prefix>/mean/<name>``."""
+        """Every scalar under its full tag: ``<prefix>/<probe>/<name>`` and, over probes,
+        ``<prefix>/mean/<name>``.
+
+        A mean is taken over the probes where the value is defined; token counts
+        (``drift_*/tokens_compared``, ``drift_*/tokens_undefined``) are totals over probes, and
+        ``drift_*/probes_compared`` counts the probes with at least one compared token, so a mean
+        drift always says how much it covers.
+        """
         tags: dict[str, float] = {}
         pooled: dict[str, list[float]] = {}
         for result in self.results:
@@ -77,6 +86,14 @@ class MonitorReport:
                 tags[f"{self.prefix}/{result.probe.name}/{name}"] = value
                 pooled.setdefault(name, []).append(value)
         for name, values in pooled.items():
-            tags[f"{self.prefix}/mean/{name}"] = sum(values) / len(values)
+            total = name.endswith(_TOKEN_COUNTS)
+            tags[f"{self.prefix}/mean/{name}"] = sum(values) if total else sum(values) / len(values)
+        for drift in ("drift_ref", "drift_prev"):
+            compared = pooled.get(f"{drift}/tokens_compared")
+            if compared is not None:
+                tags[f"{self.prefix}/mean/{drift}/probes_compared"] = float(sum(v > 0 for v in compared))
         tags[f"{self.prefix}/seconds"] = self.seconds
         return tags
+
+
+_TOKEN_COUNTS = ("/tokens_compared", "/tokens_undefined")

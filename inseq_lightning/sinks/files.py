@@ -4,7 +4,7 @@ import csv
 import math
 from pathlib import Path
 
-from ..monitor.drift import DRIFT_METRICS
+from ..monitor.drift import DRIFT_COVERAGE, DRIFT_METRICS
 from ..monitor.report import MonitorReport
 from .base import Sink
 from .render import result_html
@@ -31,9 +31,9 @@ class FileSink(Sink):
     def _append_csv(self, report: MonitorReport) -> None:
         path = self.root / "drift.csv"
         scores = sorted({name for r in report.results for name in r.step_scores})
+        drift = (*DRIFT_METRICS, *DRIFT_COVERAGE)
         columns = ["step", "epoch", "stage", "method", "probe", *scores,
-                   *[f"drift_ref/{m}" for m in DRIFT_METRICS], *[f"drift_prev/{m}" for m in DRIFT_METRICS],
-                   "evidence_mass"]
+                   *[f"drift_ref/{m}" for m in drift], *[f"drift_prev/{m}" for m in drift], "evidence_mass"]
         new_file = not path.is_file()
         if not new_file:
             with path.open(newline="") as handle:
@@ -43,8 +43,8 @@ class FileSink(Sink):
         for r in report.results:
             row = {"step": report.step, "epoch": report.epoch, "stage": report.stage, "method": report.method,
                    "probe": r.probe.name, "evidence_mass": r.evidence_mass, **r.step_scores,
-                   **{f"drift_ref/{m}": r.drift_reference.get(m, math.nan) for m in DRIFT_METRICS},
-                   **{f"drift_prev/{m}": r.drift_previous.get(m, math.nan) for m in DRIFT_METRICS}}
+                   **{f"drift_ref/{m}": r.drift_reference.get(m, math.nan) for m in drift},
+                   **{f"drift_prev/{m}": r.drift_previous.get(m, math.nan) for m in drift}}
             rows.append({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
         with path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")

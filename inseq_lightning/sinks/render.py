@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..monitor.drift import DRIFT_METRICS
+from ..monitor.drift import DRIFT_COVERAGE, DRIFT_METRICS
 from ..monitor.report import MonitorReport, ProbeResult
 from ..viz.figure import attribution_figure, figure_to_rgb
 from ..viz.html import attributions_html
@@ -59,7 +59,10 @@ def markdown_table(result: ProbeResult, step: int) -> str:
     summary = [f"{name} {result.drift_reference[name]:.3f}" for name in DRIFT_METRICS
                if not math.isnan(result.drift_reference.get(name, math.nan))]
     if summary:
-        lines += ["", f"Drift against step {result.reference_step}: " + ", ".join(summary)]
+        compared = result.drift_reference.get("tokens_compared", math.nan)
+        total = len(grid.column_labels)
+        coverage = f" (over the first {compared:.0f} of {total} tokens)" if compared < total else ""
+        lines += ["", f"Drift against step {result.reference_step}{coverage}: " + ", ".join(summary)]
     if not math.isnan(result.evidence_mass):
         lines += ["", f"Evidence mass: {result.evidence_mass:.3f}"]
     legend = f"Bold: the top {TOP_K} tokens of each column."
@@ -93,10 +96,11 @@ def table_row(result: ProbeResult, report: MonitorReport, score_names, ) -> list
     """One row of the probe x step table: step, probe, mean step scores, drift, evidence mass."""
     row = [report.step, report.stage, result.probe.name]
     row += [result.step_scores.get(name, math.nan) for name in score_names]
-    row += [result.drift_reference.get(name, math.nan) for name in DRIFT_METRICS]
+    row += [result.drift_reference.get(name, math.nan) for name in (*DRIFT_METRICS, *DRIFT_COVERAGE)]
     row.append(result.evidence_mass)
     return row
 
 
 def table_columns(score_names) -> list[str]:
-    return ["step", "stage", "probe", *score_names, *[f"drift_ref/{m}" for m in DRIFT_METRICS], "evidence_mass"]
+    return ["step", "stage", "probe", *score_names, *[f"drift_ref/{m}" for m in (*DRIFT_METRICS, *DRIFT_COVERAGE)],
+            "evidence_mass"]
