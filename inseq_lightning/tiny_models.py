@@ -88,12 +88,17 @@ def metaspace_tokenizer() -> PreTrainedTokenizerFast:
 @cache
 def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     """BERT-style WordPiece (``##`` continuations, punctuation split off); no special tokens added."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary is the Metaspace one rewritten: WordPiece's trainer (and BPE's with "##") break
+    # ties differently from one process to the next, and tests need the same tokens every run.
+    pieces = [t for t in metaspace_tokenizer().get_vocab() if t not in ("<unk>", "<s>", "</s>")]
+    words = {t[1:] for t in pieces if t.startswith("▁") and len(t) > 1}
+    continuations = {"##" + t for t in pieces if not t.startswith("▁")}
+    characters = {c for t in pieces for c in t.lstrip("▁")}
+    vocab = ["[UNK]", "[PAD]", "[SEP]", *sorted(words | characters | continuations | {"##" + c for c in characters})]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[PAD]", "[SEP]"],
-                                                              show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]")
 
 

@@ -203,7 +203,7 @@ def test_drift_history_moves_with_the_weights(hf_models):
 
 def test_evidence_mass_counts_the_evidence_tokens(hf_models):
     model, tok = hf_models["gpt2"]
-    prompt = "the cat sat on the mat"
+    prompt = "the cat sat"  # no whitespace-only token (those are never evidence)
     whole = ProbeMonitor([Probe(prompt, " and", ((0, len(prompt)),))]).run(model, tok, 0)
     assert whole.results[0].evidence_mass == pytest.approx(1.0)  # one step, every prompt token is evidence
     part = ProbeMonitor([Probe(prompt, " and", ("cat",))]).run(model, tok, 0).results[0]

@@ -12,7 +12,7 @@ def _find(haystack: list[int], needle: list[int]) -> int | None:
 
 def evidence_rows(tokenizer: PreTrainedTokenizerBase, prompt: str, source_ids: list[int],
                   spans: list[tuple[int, int]]) -> list[int] | None:
-    """Indices of the source tokens that overlap an evidence span.
+    """Indices of the source tokens that hold a non-whitespace character of an evidence span.
 
     The offsets come from the fast tokenizer's offset mapping of ``prompt``; the attributed source
     ids may differ from that encoding by leading/trailing special tokens, so the encoding is
@@ -27,8 +27,16 @@ def evidence_rows(tokenizer: PreTrainedTokenizerBase, prompt: str, source_ids: l
     start = _find(list(source_ids), ids)
     if start is None:
         return None
-    rows = []
-    for i, (s, e) in enumerate(offsets):
-        if e > s and any(s < span_end and e > span_start for span_start, span_end in spans):
-            rows.append(start + i)
-    return rows
+    return [start + i for i, (token_id, (s, e)) in enumerate(zip(ids, offsets))
+            if _holds_evidence(prompt, s, e, spans) and not _is_blank(tokenizer, token_id)]
+
+
+def _holds_evidence(prompt: str, start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    # Byte-level BPE ("Ġkite") and Metaspace ("▁kite") offsets include the space before the word:
+    # that space alone must not make the word evidence when a span ends on it ("red ").
+    return any(prompt[max(start, span_start):min(end, span_end)].strip() for span_start, span_end in spans)
+
+
+def _is_blank(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    # Metaspace's prepended "▁" is a token of its own whose offsets point at the first character.
+    return not tokenizer.decode([token_id]).strip()

@@ -4,13 +4,14 @@ import csv
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_EVIDENCE_MATCHES = ("word", "substring")
 
 
 def safe_name(name: str) -> str:
@@ -28,32 +29,61 @@ class Probe:
         target: the forced target. Decoder-only targets may be given with or without the prompt
             in front; the prompt is prepended when missing. ``None`` asks the model to generate it.
         evidence: what a correct model should rely on, in the prompt: words/phrases (every
-            occurrence counts) or ``(start, end)`` character spans.
+            occurrence counts) or ``(start, end)`` character spans. A token is evidence when one of
+            its non-whitespace characters lies in the evidence, so the space a byte-level BPE
+            (``Ġ``) or Metaspace (``▁``) token carries in front of its word never makes it evidence.
         name: a unique name, used in tags and file names.
+        evidence_match: how words/phrases are found: ``"word"`` (default) matches whole words only,
+            so ``"Leo"`` does not match inside ``"Leonard"``; ``"substring"`` matches anywhere.
     """
 
     prompt: str
     target: str | None = None
     evidence: tuple[str | tuple[int, int], ...] = ()
     name: str = ""
+    evidence_match: str = "word"
+
+    def __post_init__(self):
+        if self.evidence_match not in _EVIDENCE_MATCHES:
+            raise InvalidInputError(
+                f"Probe {self.name!r}: evidence_match={self.evidence_match!r}; pass \"word\" to match whole words "
+                "or \"substring\" to match inside words"
+            )
 
     def evidence_spans(self) -> list[tuple[int, int]]:
         """Character spans of the evidence in ``prompt``."""
         spans: list[tuple[int, int]] = []
         for item in self.evidence:
-            if isinstance(item, str):
-                found = [(m.start(), m.end()) for m in re.finditer(re.escape(item), self.prompt)]
-                if not found:
-                    raise InvalidInputError(f"Probe {self.name!r}: evidence {item!r} does not occur in its prompt")
-                spans.extend(found)
-            else:
-                start, end = int(item[0]), int(item[1])
-                if not 0 <= start < end <= len(self.prompt):
-                    raise InvalidInputError(
-                        f"Probe {self.name!r}: evidence span {item!r} is outside its prompt (length {len(self.prompt)})"
-                    )
-                spans.append((start, end))
+            spans.extend(self._find_text(item) if isinstance(item, str) else [self._check_span(item)])
         return spans
+
+    def _find_text(self, text: str) -> list[tuple[int, int]]:
+        if not text.strip():
+            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} is blank; pass a word, a phrase or a span")
+        found = [(m.start(), m.end()) for m in re.finditer(self._pattern(text), self.prompt)]
+        if not found and self.evidence_match == "word":
+            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} does not occur in its prompt as a whole "
+                                    'word; fix it, or pass evidence_match="substring" to match inside words')
+        if not found:
+            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} does not occur in its prompt")
+        return found
+
+    def _pattern(self, text: str) -> str:
+        pattern = re.escape(text)
+        if self.evidence_match == "substring":
+            return pattern
+        # Only an end that is itself a word character needs a boundary: "boat." still matches "boat.\n".
+        before = r"(?<!\w)" if re.match(r"\w", text[0]) else ""
+        after = r"(?!\w)" if re.match(r"\w", text[-1]) else ""
+        return before + pattern + after
+
+    def _check_span(self, item: tuple[int, int]) -> tuple[int, int]:
+        start, end = int(item[0]), int(item[1])
+        if not 0 <= start < end <= len(self.prompt):
+            raise InvalidInputError(
+                f"Probe {self.name!r}: evidence span {item!r} is outside its prompt (length {len(self.prompt)})"
+            )
+        return start, end
 
 
 def _evidence(value: Any) -> tuple:
@@ -92,11 +122,11 @@ class ProbeSet:
                 raise InvalidInputError(f"Probe {i} has an empty prompt")
             if probe.target is None and not self.generate:
                 raise InvalidInputError(f"Probe {i} has no target; give one, or use generate=True")
-            named.append(probe if probe.name else Probe(probe.prompt, probe.target, probe.evidence, f"probe_{i}"))
+            named.append(probe if probe.name else replace(probe, name=f"probe_{i}"))
         names = [safe_name(p.name) for p in named]
         if len(set(names)) != len(names):
             raise InvalidInputError(f"Probe names must be unique (after sanitising): {names}")
-        self.probes = [Probe(p.prompt, p.target, p.evidence, n) for p, n in zip(named, names)]
+        self.probes = [replace(p, name=n) for p, n in zip(named, names)]
         for probe in self.probes:
             probe.evidence_spans()  # fail now, not at step 1000
 
@@ -116,26 +146,31 @@ class ProbeSet:
     @classmethod
     def from_lists(cls, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
                    evidence: Sequence[Sequence] | None = None, names: Sequence[str] | None = None,
-                   **kwargs) -> "ProbeSet":
+                   evidence_match: str = "word", **kwargs) -> "ProbeSet":
+        """One probe per prompt; ``evidence_match`` applies to every probe (see :class:`Probe`)."""
         n = len(prompts)
         for label, values in (("targets", targets), ("evidence", evidence), ("names", names)):
             if values is not None and len(values) != n:
                 raise InvalidInputError(f"{n} prompts but {len(values)} {label}; pass one per prompt")
         return cls([
             Probe(prompts[i], targets[i] if targets is not None else None,
-                  _evidence(evidence[i]) if evidence is not None else (), names[i] if names is not None else "")
+                  _evidence(evidence[i]) if evidence is not None else (), names[i] if names is not None else "",
+                  evidence_match)
             for i in range(n)
         ], **kwargs)
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], prompt_key: str = "prompt", target_key: str = "target",
-                     evidence_key: str = "evidence", name_key: str = "name", **kwargs) -> "ProbeSet":
+                     evidence_key: str = "evidence", name_key: str = "name", evidence_match: str = "word",
+                     **kwargs) -> "ProbeSet":
+        """One probe per record; a record's ``evidence_match`` field overrides the ``evidence_match`` given here."""
         probes = []
         for i, record in enumerate(records):
             if prompt_key not in record:
                 raise InvalidInputError(f"Probe record {i} has no {prompt_key!r} field (fields: {sorted(record)})")
             probes.append(Probe(record[prompt_key], record.get(target_key) or None,
-                                _evidence(record.get(evidence_key)), str(record.get(name_key) or "")))
+                                _evidence(record.get(evidence_key)), str(record.get(name_key) or ""),
+                                record.get("evidence_match") or evidence_match))
         return cls(probes, **kwargs)
 
     @classmethod
@@ -160,7 +195,8 @@ class ProbeSet:
     def to_state(self) -> dict:
         """A JSON-able description that :meth:`coerce` turns back into this probe set."""
         return {"probes": [{"prompt": p.prompt, "target": p.target, "name": p.name,
-                            "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence]}
+                            "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence],
+                            "evidence_match": p.evidence_match}
                            for p in self.probes],
                 "generate": self.generate, "generation_args": dict(self.generation_args)}
 
