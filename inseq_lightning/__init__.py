@@ -1,18 +1,27 @@
 """inseq-lightning: attribute sequence-generation models (inseq's API, faster) and watch the
 attributions evolve while the model trains."""
 
-from .attr.methods import list_feature_attribution_methods
-from .attr.step_functions import StepFunctionArgs, list_step_functions, register_step_function
-from .data import (
-    FeatureAttributionOutput,
-    FeatureAttributionSequenceOutput,
-    FeatureAttributionStepOutput,
-    merge_attributions,
-)
-from .models import AttributionModel, load_model
-from .viz import show_attributions
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public name -> the module defining it. Imported on first use (PEP 562): importing a light
+# subpackage (the TensorBoard plugin) must not load torch, transformers and captum with it.
+_EXPORTS = {
+    "AttributionModel": ".models",
+    "FeatureAttributionOutput": ".data",
+    "FeatureAttributionSequenceOutput": ".data",
+    "FeatureAttributionStepOutput": ".data",
+    "StepFunctionArgs": ".attr.step_functions",
+    "list_feature_attribution_methods": ".attr.methods",
+    "list_step_functions": ".attr.step_functions",
+    "load_model": ".models",
+    "merge_attributions": ".data",
+    "register_step_function": ".attr.step_functions",
+    "show_attributions": ".viz",
+}
 
 __all__ = [
     "AttributionModel",
@@ -27,3 +36,30 @@ __all__ = [
     "register_step_function",
     "show_attributions",
 ]
+
+if TYPE_CHECKING:
+    from .attr.methods import list_feature_attribution_methods
+    from .attr.step_functions import StepFunctionArgs, list_step_functions, register_step_function
+    from .data import (
+        FeatureAttributionOutput,
+        FeatureAttributionSequenceOutput,
+        FeatureAttributionStepOutput,
+        merge_attributions,
+    )
+    from .models import AttributionModel, load_model
+    from .viz import show_attributions
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # `il.monitor` works as when imports were eager
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -38,7 +38,7 @@ def test_quick_demo_logs_everywhere(tmp_path, monkeypatch, capsys):
     assert list(tb.glob("events.out.tfevents.*"))
     assert (tb / "plugins" / "inseq_lightning" / "step_8" / "probe_3.html").is_file()
     rows = list(csv.DictReader((tb / "attributions" / "attribution_saliency" / "drift.csv").open()))
-    assert len(rows) == 3 * 4 and all(0 < float(r["evidence_mass"]) < 1 for r in rows)
+    assert len(rows) == 3 * (4 + 1) and all(0 < float(r["evidence_mass"]) < 1 for r in rows)  # 4 probes + mean
     wandb_rows = history_rows(next(Path(result["wandb"]).glob("run-*.wandb")))
     assert [r["trainer/global_step"] for r in wandb_rows if "attribution/saliency/probe_0/html/path" in r] == [0, 4, 8]
 

@@ -43,7 +43,7 @@ def test_cli_writes_drift_for_each_checkpoint_in_step_order(checkpoints, tmp_pat
     assert main(["drift", str(paths[2]), str(paths[0]), str(paths[1]), "--probes", str(probes),
                  "--step-scores", "probability", "entropy", "--output-dir", str(out), "--tensorboard"]) == 0
     rows = list(csv.DictReader((out / "drift.csv").open()))
-    assert [(r["step"], r["probe"]) for r in rows] == [(s, p) for s in ("0", "10", "20") for p in ("cat", "hello")]
+    assert [(r["step"], r["probe"]) for r in rows] == [(s, p) for s in ("0", "10", "20") for p in ("cat", "hello", "mean")]
     by = {(r["step"], r["probe"]): r for r in rows}
     assert by["0", "cat"]["drift_ref/cosine"] == ""  # the reference
     assert float(by["10", "cat"]["drift_ref/cosine"]) == pytest.approx(1.0)  # same weights

@@ -90,7 +90,10 @@ def test_tensorboard_and_wandb_hold_every_logging_step(hf_models, tmp_path, wand
     logged = json.loads((run_dir / "files" / probes_table[0][f"{prefix}/probes/path"]).read_text())
     assert [row[0] for row in logged["data"]] == ["probe_0", "probe_1"] and "Facts" in logged["data"][0][1]
     table = json.loads((run_dir / "files" / rows[-1][f"{prefix}/table/path"]).read_text())
-    assert [row[0] for row in table["data"]] == [4, 4]  # the increment holds this step's rows
+    assert [row[:3] for row in table["data"]] == [[4, "fit", "probe_0"], [4, "fit", "probe_1"], [4, "fit", "mean"]]
+    columns = table["columns"]  # the same names as the scalars, for every value
+    assert table["data"][2][columns.index("drift_prev/js_divergence")] == pytest.approx(
+        events.Scalars(f"{prefix}/mean/drift_prev/js_divergence")[-1].value, rel=1e-6)
     assert rows[-1][f"{prefix}/probe_0/step_score/probability"] == pytest.approx(
         monitor.reports[-1].results[0].step_scores["probability"], rel=1e-6)
 
@@ -107,7 +110,7 @@ def test_files_sink_with_csv_logger_on_an_encoder_decoder(hf_models, tmp_path):
     loaded = FeatureAttributionOutput.load(root / "step_4" / "probe_0.json")
     assert [t.token for t in loaded[0].source][:2] == [t.token for t in monitor.reports[-1].results[0].output[0].source][:2]
     assert torch.allclose(loaded[0].source_attributions, monitor.reports[-1].results[0].output[0].source_attributions)
-    assert len((root / "drift.csv").read_text().splitlines()) == 1 + 3 * 2
+    assert len((root / "drift.csv").read_text().splitlines()) == 1 + 3 * (2 + 1)  # 2 probes and the mean
 
 
 class _DropoutSpy(pl.Callback):

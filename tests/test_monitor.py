@@ -272,9 +272,11 @@ def test_files_sink_writes_loadable_json_html_and_a_drift_csv(hf_models, tmp_pat
     assert [t.token for t in loaded[0].target] == [t.token for t in original.target]
     assert "hat" in (tmp_path / "step_5" / "probe_0.html").read_text()
     rows = list(csv.DictReader((tmp_path / "drift.csv").open()))
-    assert [(r["step"], r["probe"]) for r in rows] == [("0", "probe_0"), ("0", "probe_1"), ("5", "probe_0"), ("5", "probe_1")]
-    assert rows[0]["drift_ref/cosine"] == "" and float(rows[2]["drift_ref/cosine"]) == pytest.approx(1.0)
-    assert float(rows[2]["probability"]) == pytest.approx(reports[1].results[0].step_scores["probability"])
+    assert [(r["step"], r["probe"]) for r in rows] == [(s, p) for s in ("0", "5") for p in ("probe_0", "probe_1", "mean")]
+    assert rows[0]["drift_ref/cosine"] == "" and float(rows[3]["drift_ref/cosine"]) == pytest.approx(1.0)
+    assert float(rows[3]["step_score/probability"]) == pytest.approx(reports[1].results[0].step_scores["probability"])
+    scores = [r.step_scores["probability"] for r in reports[1].results]
+    assert float(rows[5]["step_score/probability"]) == pytest.approx(sum(scores) / 2)
 
 
 def test_markdown_table_escapes_tokens_and_marks_the_top_three(hf_models):

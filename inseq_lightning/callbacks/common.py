@@ -17,8 +17,9 @@ class MonitorCallbackBase:
 
     def _init_monitor(self, probes, method: str, step_scores: Sequence[str], method_kwargs: dict[str, Any] | None,
                       batch_size: int, strict: bool, prefix: str | None, log_options: dict[str, bool],
-                      save_files: bool | None, sinks: Sequence[Sink]) -> None:
-        self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix)
+                      save_files: bool | None, sinks: Sequence[Sink], extra_values=None) -> None:
+        self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
+                                    extra_values)
         self.log_options = dict(log_options)
         self.save_files = save_files
         self.extra_sinks = list(sinks)

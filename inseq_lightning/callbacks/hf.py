@@ -8,8 +8,9 @@ runs before ``on_save``).
 
 import os
 import warnings
+import weakref
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -19,6 +20,17 @@ from ..sinks import Sink
 from .common import MonitorCallbackBase
 
 STRATEGIES = ("steps", "epoch", "eval", "no")
+
+# The live objects (tokenizer, writer, extra sinks) of the callbacks attached to each trainer, by
+# monitor prefix. Keyed weakly: an entry goes with its trainer, and nothing here refers to one.
+_LIVE_OBJECTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _evaluation_prefixes(logs: dict) -> list[str]:
+    """The metric-key prefixes of the evaluations in ``logs`` (``eval``, ``eval_<dataset>``): every
+    evaluation logs ``<prefix>_samples_per_second``; training's own summary uses ``train``."""
+    suffix = "_samples_per_second"
+    return [k[: -len(suffix)] for k in logs if k.endswith(suffix) and k[: -len(suffix)] != "train"]
 
 
 class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState):
@@ -43,15 +55,19 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         save_files: also write HTML, JSON and a drift CSV under ``<output_dir>/attributions``;
             None: only when neither TensorBoard nor W&B is in ``report_to``.
         sinks: extra :class:`~inseq_lightning.sinks.Sink` objects.
+        extra_values: ``{name: fn(result) -> float}``, values of your own computed per probe and logged
+            like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
+
+    With ``attribution_strategy="eval"`` each pass runs as the evaluation logs its metrics, and the
+    means over probes are added to those metrics as ``eval_<prefix>/mean/<name>`` (the Trainer's own
+    prefix convention): ``metric_for_best_model="attribution/saliency/mean/evidence_mass"`` (with
+    ``greater_is_better`` from ``LOGGED_VALUES``) and ``EarlyStoppingCallback`` act on them, in any
+    callback order. ``trainer.evaluate()`` returns them too.
 
     Resume with ``TrainingArguments(restore_callback_states_from_checkpoint=True)``: the trainer
     rebuilds the callback from :meth:`state` (JSON), which keeps the drift history; live objects
     (trainer, tokenizer, writer, sinks) are taken over from the callback it replaces.
     """
-
-    # Live objects of the callbacks in this process, by prefix: a callback rebuilt from JSON by
-    # restore_callback_states_from_checkpoint takes them over from the one it replaces.
-    _live: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(
         self,
@@ -74,6 +90,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         tokenizer=None,
         tb_writer=None,
         sinks: Sequence[Sink] = (),
+        extra_values: dict[str, Any] | None = None,
     ):
         if attribution_strategy not in STRATEGIES:
             raise ValueError(f"attribution_strategy must be one of {STRATEGIES}, got {attribution_strategy!r}")
@@ -82,7 +99,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         probe_set = ProbeSet.coerce(probes)
         log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html, "log_table": log_table}
         self._init_monitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix, log_options,
-                           save_files, ())
+                           save_files, (), extra_values)
         self.attribution_strategy = attribution_strategy
         self.attribution_steps = attribution_steps
         self.attribute_on_train_begin = attribute_on_train_begin
@@ -91,16 +108,38 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
                       "attribute_on_train_begin": attribute_on_train_begin, "method_kwargs": dict(method_kwargs or {}),
                       "batch_size": batch_size, "strict": strict, "prefix": prefix, "save_files": save_files,
                       **self.log_options}
-        live = {"trainer": trainer, "tokenizer": tokenizer, "tb_writer": tb_writer, "sinks": list(sinks)}
-        if any(v for v in live.values()):
-            AttributionCallback._live[self.monitor.prefix] = live
-        else:  # rebuilt from a checkpoint's JSON: take over what the replaced callback had
-            live = AttributionCallback._live.get(self.monitor.prefix, live)
-        self.trainer, self._tokenizer, self._tb_writer = live["trainer"], live["tokenizer"], live["tb_writer"]
-        self.extra_sinks = list(live["sinks"])
+        # The trainer is held weakly: a callback kept by the user must not keep a finished run alive.
+        self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        self._tokenizer, self._tb_writer, self.extra_sinks = tokenizer, tb_writer, list(sinks)
+        if trainer is not None:
+            _LIVE_OBJECTS.setdefault(trainer, {})[self.monitor.prefix] = {
+                "tokenizer": tokenizer, "tb_writer": tb_writer, "sinks": list(sinks), "extra_values": extra_values}
         self.checkpoints: dict[str, str] = {}  # logged step -> the checkpoint that stores those weights
         self._since_save: list[int] = []
         self._in_training = False
+
+    @property
+    def trainer(self):
+        """The ``Trainer`` this callback was attached to (None when it was not given or is gone)."""
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    def _adopt_live_objects(self) -> None:
+        """A callback rebuilt from a checkpoint's JSON (``restore_callback_states_from_checkpoint``)
+        knows no live objects: take over those of the callback it replaced, found through the trainer
+        whose callback list now holds this very object (never another trainer's with the same prefix)."""
+        if self._trainer_ref is not None:
+            return
+        for trainer, by_prefix in list(_LIVE_OBJECTS.items()):
+            handler = getattr(trainer, "callback_handler", None)
+            if handler is not None and any(cb is self for cb in handler.callbacks) and self.monitor.prefix in by_prefix:
+                live = by_prefix[self.monitor.prefix]
+                self._trainer_ref = weakref.ref(trainer)
+                self._tokenizer = self._tokenizer or live["tokenizer"]
+                self._tb_writer = self._tb_writer or live["tb_writer"]
+                self.extra_sinks = self.extra_sinks or list(live["sinks"])
+                if live["extra_values"] and not self.monitor.extra_values:  # functions cannot travel in JSON
+                    self.monitor.set_extra_values(live["extra_values"])
+                return
 
     @classmethod
     def attach(cls, trainer, probes, **kwargs) -> "AttributionCallback":
@@ -183,6 +222,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
                         sharded_root=root)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._adopt_live_objects()
         self._in_training = True
         # Directories and sinks are resolved on every rank; only the world's process zero writes.
         sinks = self._build_sinks(args) if state.is_world_process_zero else []
@@ -199,9 +239,29 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         if self.attribution_strategy == "epoch":
             self._run(args, state, kwargs)
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer.evaluate() logs its metrics (on_log) before on_evaluate, with the very dict it then
+        # hands to every on_evaluate and returns to the training loop. Attributing here and adding
+        # the means to that dict puts them where EarlyStoppingCallback and metric_for_best_model look,
+        # wherever this callback sits in the list, and on the weights the next checkpoint stores.
+        prefixes = _evaluation_prefixes(logs or {})
+        if not prefixes or (self._in_training and self.attribution_strategy != "eval"):
+            return
+        self._run(args, state, kwargs, "fit" if self._in_training else "validate")
+        added = {f"{prefix}_{self.monitor.prefix}/mean/{name}": value
+                 for prefix in prefixes for name, value in self.monitor.last_means.items()}
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)  # the copy trainer_state.json keeps
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # Usually a no-op (on_log attributed this step already): for trainers that log differently.
         if self.attribution_strategy == "eval" or not self._in_training:
             self._run(args, state, kwargs, "fit" if self._in_training else "validate")
+            if metrics is not None:
+                for prefix in _evaluation_prefixes(metrics) or ["eval"]:
+                    metrics.update({f"{prefix}_{self.monitor.prefix}/mean/{name}": value
+                                    for name, value in self.monitor.last_means.items()})
 
     def on_save(self, args, state, control, **kwargs):
         # on_save comes after on_evaluate: the steps logged since the last save are in this checkpoint's

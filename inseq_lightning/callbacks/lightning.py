@@ -5,9 +5,12 @@ where results go (sinks found from ``trainer.loggers``) and what a checkpoint ke
 history). Everything else lives in :mod:`inseq_lightning.monitor`.
 """
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -43,6 +46,15 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         strict: raise when a probe or sink fails instead of warning once and skipping it.
         prefix: tag prefix (default ``attribution/<method>``); give two monitors different ones.
         sinks: extra :class:`~inseq_lightning.sinks.Sink` objects (MLflow, a database, ...), fed on rank zero.
+        extra_values: ``{name: fn(result) -> float}``, values of your own computed per probe and logged
+            like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
+
+    After each pass the means over probes are in ``trainer.callback_metrics`` as
+    ``<prefix>/mean/<name>`` (e.g. ``attribution/saliency/mean/evidence_mass``), on every rank, so
+    ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them, placed before or after this callback:
+    step passes run in ``on_train_batch_end`` and epoch passes after the epoch's last batch, both
+    before Lightning's epoch-end and validation-end checks. ``LOGGED_VALUES`` in
+    :mod:`inseq_lightning.monitor.values` gives each value's better direction (the ``mode``).
 
     Example::
 
@@ -72,6 +84,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         strict: bool = False,
         prefix: str | None = None,
         sinks: Sequence[Sink] = (),
+        extra_values: dict[str, Any] | None = None,
     ):
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise MisconfigurationException(
@@ -85,7 +98,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             every_n_epochs = 1
         self._init_monitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
                            {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
-                            "log_table": log_table}, save_files, sinks)
+                            "log_table": log_table}, save_files, sinks, extra_values)
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.attribute_on_fit_start = attribute_on_fit_start
@@ -106,7 +119,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         # Directories are resolved on every rank: trainer.log_dir broadcasts, so calling it from
         # rank zero alone would hang a distributed run.
         log_dir = trainer.log_dir or trainer.default_root_dir
-        self.sinks = self._build_sinks(trainer, log_dir) + self.extra_sinks if trainer.is_global_zero else []
+        self.sinks = self._build_sinks(trainer, log_dir) if trainer.is_global_zero else []
 
     def _resolve_model(self, pl_module: LightningModule):
         model = self._model_ref
@@ -141,12 +154,19 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         csv_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+        files_root = csv_dirs[0] if csv_dirs else log_dir
+        if not trainer.loggers and self.save_files is None and Path(files_root).resolve() == Path.cwd().resolve():
+            # Nothing configured says where this run's files belong: never litter the working directory.
+            warnings.warn("AttributionMonitor: the trainer has no logger and no default_root_dir, so the attributions "
+                          "are kept in monitor.reports only; attach a logger, set default_root_dir= or pass "
+                          "save_files=True to write them.", UserWarning, stacklevel=2)
+            files_root = None
         return self._standard_sinks(
             tb_writer=tensorboard.experiment if tensorboard else None,
             tb_log_dir=tensorboard.log_dir if tensorboard else None,
             wandb_run=wandb_logger.experiment if wandb_logger else None,
             step_key="trainer/global_step",
-            files_root=csv_dirs[0] if csv_dirs else log_dir,
+            files_root=files_root,
         )
 
     # ---- the pass -----------------------------------------------------------------------------
@@ -154,6 +174,13 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         # Under FSDP, strategy.model is the sharded root wrapping the LightningModule.
         self._attribute(self.model, self.tokenizer, trainer.global_step, trainer.current_epoch, stage,
                         sharded_root=trainer.strategy.model)
+        # The means go where EarlyStopping and ModelCheckpoint look, on every rank (the monitor
+        # shares them from rank zero), without a second copy in the loggers.
+        for name, value in self.monitor.last_means.items():
+            trainer.callback_metrics[f"{self.monitor.prefix}/mean/{name}"] = torch.tensor(value)
+
+    def _epoch_due(self, trainer: Trainer) -> bool:
+        return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_seen_step = trainer.global_step
@@ -162,6 +189,11 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.every_n_train_steps is None:
+            # The epoch's pass runs after its last optimizer step, before any on_train_epoch_end and
+            # on_validation_end: EarlyStopping and ModelCheckpoint (which check there) see this
+            # epoch's values wherever the monitor is in callbacks=[...].
+            if trainer.is_last_batch and self._epoch_due(trainer):
+                self._run(trainer, "fit")
             return
         # global_step moves only when the optimizer steps, i.e. at gradient-accumulation boundaries.
         step = trainer.global_step
@@ -172,7 +204,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             self._run(trainer, "fit")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self._epoch_due(trainer):  # an epoch cut short (max_steps) had no last batch; else a no-op
             self._run(trainer, "fit")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -23,6 +23,7 @@ from ..data.outputs import (
 )
 from ..errors import InvalidInputError
 from ..utils.model_state import preserve_model_state
+from ..utils.sharding import has_sharded_parameters
 from .batch import Batch
 from .tokenization import SpecialIds, build_batch, check_texts, encode_input
 
@@ -190,45 +191,49 @@ class AttributionModel:
         step_fns = {name: get_step_function(name) for name in step_scores}
         method_kwargs, score_kwargs = self._route_kwargs(attribution, score_fn, step_fns, kwargs)
         generation_args = dict(generation_args or {})
-        generated_ids = None
-        if generated_texts is None:
-            # The generated ids are attributed as they are: decoded text re-tokenizes differently
-            # (a Metaspace tokenizer drops the first space, partial UTF-8 bytes become U+FFFD).
-            generated_ids = self.generate_ids(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
-            generated_list = [self.decode_generation(text, ids, skip_special_tokens)
-                              for text, ids in zip(input_list, generated_ids)]
-        else:
-            generated_list = [generated_texts] if isinstance(generated_texts, str) else list(generated_texts)
-            if len(generated_list) != len(input_list):
-                raise InvalidInputError(
-                    f"input_texts has {len(input_list)} texts but generated_texts has {len(generated_list)}; "
-                    "pass one target per input"
-                )
-            check_texts("generated_texts", generated_list)
-        if not self.is_encoder_decoder and generated_ids is None:
-            for i, (prompt, full) in enumerate(zip(input_list, generated_list)):
-                if not full.startswith(prompt):
+        # One guard for the whole call (generation, every batch): modes, requires_grad, .grad and RNG
+        # are snapshotted once and restored when the call returns or raises. Frozen weights: gradients
+        # flow to the inputs only (sharded models keep their flags: FSDP registers hooks from them).
+        with preserve_model_state(self.model, freeze=not has_sharded_parameters(self.model)):
+            generated_ids = None
+            if generated_texts is None:
+                # The generated ids are attributed as they are: decoded text re-tokenizes differently
+                # (a Metaspace tokenizer drops the first space, partial UTF-8 bytes become U+FFFD).
+                generated_ids = self.generate_ids(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
+                generated_list = [self.decode_generation(text, ids, skip_special_tokens)
+                                  for text, ids in zip(input_list, generated_ids)]
+            else:
+                generated_list = [generated_texts] if isinstance(generated_texts, str) else list(generated_texts)
+                if len(generated_list) != len(input_list):
                     raise InvalidInputError(
-                        f"generated_texts[{i}] does not start with its prompt; pass the full text (prompt + "
-                        "continuation) or use an encoder-decoder model"
+                        f"input_texts has {len(input_list)} texts but generated_texts has {len(generated_list)}; "
+                        "pass one target per input"
                     )
-        size = batch_size or len(input_list)
-        chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
-        outputs = []
-        # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
-        with torch.inference_mode(False):
-            # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
-            batches = [build_batch(self, [input_list[i] for i in chunk],
-                                   None if generated_ids is not None else [generated_list[i] for i in chunk],
-                                   attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens,
-                                   generated_ids=[generated_ids[i] for i in chunk] if generated_ids is not None else None)
-                       for chunk in chunks]
-            total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
-            with _progress(show_progress, method_name, total_tokens) as advance:
-                for batch in batches:
-                    outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
-                                                         step_fns, attribute_target, output_step_attributions,
-                                                         memory_budget_bytes, advance))
+                check_texts("generated_texts", generated_list)
+            if not self.is_encoder_decoder and generated_ids is None:
+                for i, (prompt, full) in enumerate(zip(input_list, generated_list)):
+                    if not full.startswith(prompt):
+                        raise InvalidInputError(
+                            f"generated_texts[{i}] does not start with its prompt; pass the full text (prompt + "
+                            "continuation) or use an encoder-decoder model"
+                        )
+            size = batch_size or len(input_list)
+            chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
+            outputs = []
+            # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
+            with torch.inference_mode(False):
+                # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
+                batches = [build_batch(self, [input_list[i] for i in chunk],
+                                       None if generated_ids is not None else [generated_list[i] for i in chunk],
+                                       attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens,
+                                       generated_ids=[generated_ids[i] for i in chunk] if generated_ids is not None else None)
+                           for chunk in chunks]
+                total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
+                with _progress(show_progress, method_name, total_tokens) as advance:
+                    for batch in batches:
+                        outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
+                                                             step_fns, attribute_target, output_step_attributions,
+                                                             memory_budget_bytes, advance))
         out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
         out.info = {
             "attribution_method": method_name,
@@ -288,14 +293,12 @@ class AttributionModel:
                             progress=advance)
         if step_fns:
             ctx.step_scorer = functools.partial(self._step_scores, step_fns=step_fns, step_kwargs=score_kwargs["steps"])
-        # Gradients flow to the inputs only: with frozen weights the forward saves only what the
+        # Called inside attribute()'s guard, with frozen weights: the forward saves only what the
         # input gradients need (a Linear no longer keeps its input for the weight's gradient),
-        # which leaves memory for batching steps. Flags are restored on exit. Sharded models keep
-        # theirs: FSDP's hooks are registered from them.
-        frozen = preserve_model_state(self.model, freeze=not ctx.sharded)
-        with frozen, torch.inference_mode(False), torch.enable_grad():
+        # which leaves memory for batching steps.
+        with torch.inference_mode(False), torch.enable_grad():
             # Attributions describe the deterministic model: dropout off for the pass, modes restored
-            # after. eval() walks and rewrites every module: skipped when none is training.
+            # by the guard. eval() walks and rewrites every module: skipped when none is training.
             if any(module.training for module in self.model.modules()):
                 self.model.eval()
             result = attribution.attribute(ctx, **method_kwargs)

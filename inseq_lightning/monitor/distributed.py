@@ -42,6 +42,16 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_from_zero(obj):
+    """Rank zero's ``obj`` on every rank (pickled); ``obj`` itself in a single process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def root_parameters_gathered(model: torch.nn.Module, root: torch.nn.Module | None = None) -> Iterator[None]:
     """Gather the sharded root's *own* parameters for an attribution pass, and shard them again after.

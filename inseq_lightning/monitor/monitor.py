@@ -8,7 +8,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,13 +20,14 @@ from ..data.outputs import FeatureAttributionOutput, output_for_sequence
 from ..errors import InseqLightningError
 from ..models.attribution_model import AttributionModel
 from ..utils.sharding import has_sharded_parameters
-from .distributed import all_gather_objects, my_share, rank_and_world, root_parameters_gathered
+from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import evidence_rows
 from .guards import attribution_guard
 from .history import DriftHistory
 from .probes import Probe, ProbeSet
 from .report import MonitorReport, ProbeResult
+from .values import LOGGED_VALUES, value_names
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,17 @@ class ProbeMonitor:
         batch_size: probes per forward pass.
         strict: raise :class:`MonitoringError` instead of warning when a probe or sink fails.
         prefix: tag prefix of every logged value (default ``attribution/<method>``).
+        extra_values: ``{name: fn(result) -> float}``: values of your own, computed for every probe
+            from its :class:`ProbeResult` and logged like the built-in ones (every sink, the means,
+            ``callback_metrics`` / evaluation metrics). See :mod:`.values` for the built-in ones.
+
+    After each pass, :attr:`last_means` holds the mean values over probes on every rank (what the
+    callbacks hand to the frameworks' early stopping and checkpoint selection).
     """
 
     def __init__(self, probes, method: str = "saliency", step_scores: Sequence[str] = ("probability",),
                  method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
-                 prefix: str | None = None):
+                 prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None):
         self.probes = ProbeSet.coerce(probes)
         get_method(method)  # unknown names fail here, with the list of valid ones
         for name in step_scores:
@@ -68,9 +75,21 @@ class ProbeMonitor:
         self.batch_size = batch_size
         self.strict = strict
         self.prefix = prefix or f"attribution/{method}"
+        self.set_extra_values(extra_values)
+        self.last_means: dict[str, float] = {}
         self.history = DriftHistory()
         self._warned: set[str] = set()
         self._wrapper_cache: AttributionModel | None = None
+
+    def set_extra_values(self, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None) -> None:
+        """Replace the user values (see the class docstring); the drift history is kept."""
+        extra = dict(extra_values or {})
+        for name, fn in extra.items():
+            if not callable(fn) or not name or name.startswith("/") or name in LOGGED_VALUES:
+                raise ValueError(f"extra_values[{name!r}] must map a new relative name (not a built-in value) to a "
+                                 "function of a ProbeResult returning a float")
+        self.extra_values = extra
+        self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra))
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -161,10 +180,16 @@ class ProbeMonitor:
         rank, world = rank_and_world()
         if world == 1:
             outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
-        elif has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
+            report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started,
+                                       tokenizer)
+            self.publish(report, sinks)
+            self.last_means = report.means()
+            return report
+        if has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
             outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
             if rank != 0:
                 self.history.last_step[stage] = step  # every rank agrees on what was logged
+                self.last_means = broadcast_from_zero(None)
                 return None
         else:
             share = [self.probes[i] for i in my_share(len(self.probes), rank, world)]
@@ -178,11 +203,14 @@ class ProbeMonitor:
                 raise MonitoringError(errors[0])
             if rank != 0:
                 self.history.last_step[stage] = step
+                self.last_means = broadcast_from_zero(None)
                 return None
             outputs = {name: out for part, _, _ in gathered for name, out in part.items()}
             skipped = {name: why for _, part, _ in gathered for name, why in part.items()}
         report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started, tokenizer)
         self.publish(report, sinks)
+        # Every rank gets the means: a framework's early stopping decides on each rank.
+        self.last_means = broadcast_from_zero(report.means())
         return report
 
     def build_report(self, outputs: dict[str, FeatureAttributionOutput], skipped: dict[str, str], step: int,
@@ -198,7 +226,8 @@ class ProbeMonitor:
                 skipped[probe.name] = f"{type(error).__name__}: {error}"
                 self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be summarised", error)
         self.history.last_step[stage] = step
-        return MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds)
+        return MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds,
+                             value_names=self.value_names)
 
     def _probe_result(self, probe: Probe, output: FeatureAttributionOutput, step: int, stage: str,
                       tokenizer: PreTrainedTokenizerBase) -> ProbeResult:
@@ -217,6 +246,7 @@ class ProbeMonitor:
                 result.evidence_mass = evidence_mass(current, rows)
                 result.evidence_rows = tuple(rows)
         if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
+            self._extra_values(result)
             return result
         history = self.history.probe(probe.name)
         if history.reference is not None:
@@ -228,8 +258,13 @@ class ProbeMonitor:
         else:
             history.reference, history.reference_step, history.reference_scores = current, step, scores
         history.previous, history.previous_step, history.previous_scores = current, step, scores
+        self._extra_values(result)
         history.rows.append({"step": step, **{k: round(v, 6) for k, v in result.scalars().items()}})
         return result
+
+    def _extra_values(self, result: ProbeResult) -> None:
+        # Computed last, so a user value can read the drift and evidence of the same pass.
+        result.extra_values = {name: float(fn(result)) for name, fn in self.extra_values.items()}
 
     def _drift(self, current: AttributionMap, other: AttributionMap) -> dict[str, float]:
         drift = map_drift(current, other)
@@ -238,12 +273,16 @@ class ProbeMonitor:
         return drift
 
     def publish(self, report: MonitorReport, sinks: Sequence) -> None:
-        """Hand the report to each sink; a sink that raises is reported once and skipped."""
-        for sink in sinks:
-            try:
-                sink.log_report(report)
-            except Exception as error:  # noqa: BLE001 - a sink must not kill training
-                self._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed", error)
+        """Hand the report to each sink; a sink that raises is reported once and skipped. The sinks
+        share one rendering of each heatmap and HTML page, dropped when they are done."""
+        from ..sinks.render import shared_renderings  # the sinks import the monitor's report module
+
+        with shared_renderings():
+            for sink in sinks:
+                try:
+                    sink.log_report(report)
+                except Exception as error:  # noqa: BLE001 - a sink must not kill training
+                    self._fail(f"sink:{type(sink).__name__}", f"Sink {type(sink).__name__} failed", error)
 
 
 def _to_cpu(result: tuple[dict, dict]) -> tuple[dict, dict]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
 from .drift import DRIFT_COVERAGE, DRIFT_METRICS
 from .probes import Probe
+from .values import pool
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ProbeResult:
         evidence_mass: share of attribution on the evidence tokens (NaN without evidence).
         evidence_rows: the evidence tokens' rows in the attribution map.
         reference_step, previous_step: the steps compared with (None on the first pass).
+        extra_values: the values of ``ProbeMonitor(extra_values=...)``, logged like the others.
     """
 
     probe: Probe
@@ -38,6 +40,7 @@ class ProbeResult:
     evidence_rows: tuple[int, ...] = ()  # rows of the map (and of the views' grids) that are evidence
     reference_step: int | None = None
     previous_step: int | None = None
+    extra_values: dict[str, float] = field(default_factory=dict)  # ProbeMonitor(extra_values=...)
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{name: value}`` of every finite number (names are relative: ``drift_ref/cosine``)."""
@@ -52,6 +55,7 @@ class ProbeResult:
         for name, value in self.score_change_previous.items():
             values[f"step_score_change_prev/{name}"] = value
         values["evidence_mass"] = self.evidence_mass
+        values.update(self.extra_values)
         return {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
 
 
@@ -67,33 +71,40 @@ class MonitorReport:
     results: list[ProbeResult]
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    # Renderings shared by the sinks (a heatmap is drawn once, not once per tracker).
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Every per-probe value the monitor can log, in a stable order (see values.value_names): the
+    # columns of tables, which must exist before the first pass that fills them.
+    value_names: tuple[str, ...] = ()
 
-    def scalars(self) -> dict[str, float]:
-        """Every scalar under its full tag: ``<prefix>/<probe>/<name>`` and, over probes,
-        ``<prefix>/mean/<name>``.
-
-        A mean is taken over the probes where the value is defined; token counts
-        (``drift_*/tokens_compared``, ``drift_*/tokens_undefined``) are totals over probes, and
-        ``drift_*/probes_compared`` counts the probes with at least one compared token, so a mean
-        drift always says how much it covers.
-        """
-        tags: dict[str, float] = {}
+    def means(self) -> dict[str, float]:
+        """Each value over probes (``mean/<name>``), pooled as :mod:`.values` defines it: a mean over
+        the probes where it is defined, totals for counts; ``drift_*/probes_compared`` counts the
+        probes with at least one compared token, so a mean drift always says how much it covers."""
         pooled: dict[str, list[float]] = {}
         for result in self.results:
             for name, value in result.scalars().items():
-                tags[f"{self.prefix}/{result.probe.name}/{name}"] = value
                 pooled.setdefault(name, []).append(value)
-        for name, values in pooled.items():
-            total = name.endswith(_TOKEN_COUNTS)
-            tags[f"{self.prefix}/mean/{name}"] = sum(values) if total else sum(values) / len(values)
+        means = {name: pool(name, values) for name, values in pooled.items()}
         for drift in ("drift_ref", "drift_prev"):
             compared = pooled.get(f"{drift}/tokens_compared")
             if compared is not None:
-                tags[f"{self.prefix}/mean/{drift}/probes_compared"] = float(sum(v > 0 for v in compared))
+                means[f"{drift}/probes_compared"] = float(sum(v > 0 for v in compared))
+        return means
+
+    def rows(self) -> list[dict]:
+        """One row per probe and one ``"mean"`` row: ``step, epoch, stage, method, probe`` and the values
+        under the names the scalars use (what ``drift.csv`` and the W&B table hold)."""
+        base = {"step": self.step, "epoch": self.epoch, "stage": self.stage, "method": self.method}
+        rows = [{**base, "probe": r.probe.name, **r.scalars()} for r in self.results]
+        if self.results:
+            rows.append({**base, "probe": "mean", **self.means(), "seconds": self.seconds})
+        return rows
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar under its full tag: ``<prefix>/<probe>/<name>``, ``<prefix>/mean/<name>`` and
+        ``<prefix>/seconds`` (the projection of :meth:`rows` the trackers log)."""
+        tags: dict[str, float] = {}
+        for result in self.results:
+            tags.update({f"{self.prefix}/{result.probe.name}/{name}": v for name, v in result.scalars().items()})
+        tags.update({f"{self.prefix}/mean/{name}": v for name, v in self.means().items() if not math.isnan(v)})
         tags[f"{self.prefix}/seconds"] = self.seconds
         return tags
-
-
-_TOKEN_COUNTS = ("/tokens_compared", "/tokens_undefined")

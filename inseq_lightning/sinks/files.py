@@ -4,15 +4,16 @@ import csv
 import math
 from pathlib import Path
 
-from ..monitor.drift import DRIFT_COVERAGE, DRIFT_METRICS
 from ..monitor.report import MonitorReport
+from ..monitor.values import mean_only_names
 from .base import Sink
 from .render import result_html
 
 
 class FileSink(Sink):
     """Writes ``<root>/step_<N>/<probe>.html`` and ``<probe>.json`` (``FeatureAttributionOutput.load``
-    reads it back) and appends one row per probe and pass to ``<root>/drift.csv``."""
+    reads it back) and appends one row per probe, and a ``mean`` row, per pass to ``<root>/drift.csv``
+    (columns: ``step, epoch, stage, method, probe`` and every logged value, named as in the scalars)."""
 
     def __init__(self, root: str | Path, save_json: bool = True, save_html: bool = True):
         self.root = Path(root)
@@ -29,25 +30,32 @@ class FileSink(Sink):
         self._append_csv(report)
 
     def _append_csv(self, report: MonitorReport) -> None:
+        """One row per probe and a ``mean`` row per pass, under the names the scalars use. A value that
+        appears after the header was written (a user value, a step score) rewrites the file with the
+        wider header: no column is ever dropped."""
         path = self.root / "drift.csv"
-        scores = sorted({name for r in report.results for name in r.step_scores})
-        drift = (*DRIFT_METRICS, *DRIFT_COVERAGE)
-        columns = ["step", "epoch", "stage", "method", "probe", *scores,
-                   *[f"drift_ref/{m}" for m in drift], *[f"drift_prev/{m}" for m in drift], "evidence_mass"]
-        new_file = not path.is_file()
-        if not new_file:
-            with path.open(newline="") as handle:
-                existing = next(csv.reader(handle), [])
-            columns = existing  # the header is written once; later rows follow it
-        rows = []
-        for r in report.results:
-            row = {"step": report.step, "epoch": report.epoch, "stage": report.stage, "method": report.method,
-                   "probe": r.probe.name, "evidence_mass": r.evidence_mass, **r.step_scores,
-                   **{f"drift_ref/{m}": r.drift_reference.get(m, math.nan) for m in drift},
-                   **{f"drift_prev/{m}": r.drift_previous.get(m, math.nan) for m in drift}}
-            rows.append({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        rows = [{k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                for row in report.rows()]
+        columns = [*_KEYS, *report.value_names, *mean_only_names(), "seconds"]
+        columns += [k for row in rows for k in row if k not in columns]
+        columns = list(dict.fromkeys(columns))
+        existing: list[dict] = []
+        header: list[str] = []
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                header = list(reader.fieldnames or [])
+                if not set(columns) <= set(header):
+                    existing = list(reader)
+        if header and set(columns) <= set(header):
+            with path.open("a", newline="", encoding="utf-8") as handle:
+                csv.DictWriter(handle, fieldnames=header).writerows(rows)
+            return
+        header = header + [c for c in columns if c not in header]
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(existing + rows)
+
+
+_KEYS = ("step", "epoch", "stage", "method", "probe")

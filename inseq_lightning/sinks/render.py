@@ -1,13 +1,18 @@
-"""What sinks show, rendered once per result: a Markdown table, an HTML page, a heatmap figure."""
+"""What sinks show: a Markdown table, an HTML page, a heatmap image; the last two rendered once per
+result and pass, inside :func:`shared_renderings`, and shared by every sink."""
 
 import html as html_lib
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
-from ..monitor.drift import DRIFT_COVERAGE, DRIFT_METRICS
+from ..monitor.drift import DRIFT_METRICS
 from ..monitor.report import MonitorReport, ProbeResult
-from ..viz.figure import attribution_figure, figure_to_rgb
+from ..monitor.values import mean_only_names
+from ..viz.heatmap import attribution_heatmap
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid
 from ..viz.tokens import display_token
@@ -72,35 +77,58 @@ def markdown_table(result: ProbeResult, step: int) -> str:
     return "\n".join(lines)
 
 
+# The renderings of the pass being published ({key: rendering}); None outside a pass.
+_RENDERINGS: ContextVar[dict | None] = ContextVar("inseq_lightning_renderings", default=None)
+
+
+@contextmanager
+def shared_renderings() -> Iterator[None]:
+    """Within it, each result's HTML page and heatmap are rendered once and shared by every sink;
+    they are dropped on exit. :meth:`ProbeMonitor.publish` enters it around its sinks; a sink called
+    on its own renders what it needs."""
+    token = _RENDERINGS.set({})
+    try:
+        yield
+    finally:
+        _RENDERINGS.reset(token)
+
+
+def _shared(kind: str, result: ProbeResult, report: MonitorReport, render: Callable[[], object]):
+    renderings = _RENDERINGS.get()
+    if renderings is None:
+        return render()
+    key = (kind, id(report), id(result))
+    if key not in renderings:
+        # Kept with the objects it was made from: their ids cannot be reused before the pass ends.
+        renderings[key] = (report, result, render())
+    return renderings[key][2]
+
+
+def _title(result: ProbeResult, report: MonitorReport) -> str:
+    return f"{result.probe.name} · {report.method} · step {report.step}"
+
+
 def result_html(result: ProbeResult, report: MonitorReport) -> str:
-    """The ``show_attributions`` HTML document of one probe, titled with its step (rendered once per report)."""
-    key = ("html", result.probe.name)
-    if key not in report.cache:
-        title = f"{result.probe.name} · {report.method} · step {report.step}"
-        report.cache[key] = attributions_html([result.aggregated], title=title)
-    return report.cache[key]
+    """The ``show_attributions`` HTML document of one probe, titled with its step."""
+    return _shared("html", result, report, lambda: attributions_html([result.aggregated], title=_title(result, report)))
 
 
 def result_image(result: ProbeResult, report: MonitorReport) -> np.ndarray:
-    """The heatmap as ``[H, W, 3]`` uint8 pixels, drawn once per report and shared by the sinks."""
-    key = ("image", result.probe.name)
-    if key not in report.cache:
-        figure = attribution_figure(result.aggregated,
-                                    title=f"{result.probe.name} · {report.method} · step {report.step}")
-        # Not a pyplot figure: it goes with its last reference, no close() needed.
-        report.cache[key] = figure_to_rgb(figure)
-    return report.cache[key]
+    """The heatmap as ``[H, W, 3]`` uint8 pixels (read-only: one array may go to every sink)."""
+    def render() -> np.ndarray:
+        pixels = attribution_heatmap(result.aggregated, title=_title(result, report),
+                                     evidence_rows=result.evidence_rows).pixels
+        pixels.flags.writeable = False
+        return pixels
+
+    return _shared("image", result, report, render)
 
 
-def table_row(result: ProbeResult, report: MonitorReport, score_names, ) -> list:
-    """One row of the probe x step table: step, probe, mean step scores, drift, evidence mass."""
-    row = [report.step, report.stage, result.probe.name]
-    row += [result.step_scores.get(name, math.nan) for name in score_names]
-    row += [result.drift_reference.get(name, math.nan) for name in (*DRIFT_METRICS, *DRIFT_COVERAGE)]
-    row.append(result.evidence_mass)
-    return row
+def table_columns(report: MonitorReport) -> list[str]:
+    """The W&B table's columns: step, stage, probe and every value the monitor logs (names as in the scalars)."""
+    return ["step", "stage", "probe", *report.value_names, *mean_only_names(), "seconds"]
 
 
-def table_columns(score_names) -> list[str]:
-    return ["step", "stage", "probe", *score_names, *[f"drift_ref/{m}" for m in (*DRIFT_METRICS, *DRIFT_COVERAGE)],
-            "evidence_mass"]
+def table_rows(report: MonitorReport, columns: list[str]) -> list[list]:
+    """One row per probe and the ``mean`` row, in ``columns`` order (NaN where a value is undefined)."""
+    return [[row.get(c, math.nan) for c in columns] for row in report.rows()]

@@ -4,30 +4,37 @@ import json
 from pathlib import Path
 
 from ..monitor.report import MonitorReport
+from ..tensorboard_plugin.layout import INDEX_FILE, PLUGIN_NAME, page_path  # torch-free: the server imports it
 from .base import Sink
 from .render import markdown_table, result_html, result_image
 
-PLUGIN_NAME = "inseq_lightning"
-
 
 def write_plugin_html(log_dir: str | Path, report: MonitorReport, pages: dict[str, str]) -> list[Path]:
-    """Write ``<log_dir>/plugins/inseq_lightning/step_<N>/<probe>.html`` and update ``index.json``,
-    the list of pages the plugin serves (it never joins a request path itself)."""
+    """Write ``<log_dir>/plugins/inseq_lightning/<prefix folder>/step_<N>/<probe>.html`` and update
+    ``index.json``, the list of pages the plugin serves (it never joins a request path itself).
+
+    The prefix folder is ``report.prefix`` made file-safe (``attribution_saliency``), so two
+    monitors on one run never overwrite each other's pages (see
+    :func:`~inseq_lightning.tensorboard_plugin.layout.page_path`). ``pages``: ``{probe name: HTML}``.
+    """
     root = Path(log_dir) / "plugins" / PLUGIN_NAME
-    folder = root / f"step_{report.step}"
-    folder.mkdir(parents=True, exist_ok=True)
+    index_path = root / INDEX_FILE
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"pages": []}
+    entries = {(p["step"], p["probe"], p.get("prefix")): p for p in index["pages"]}
     written = []
     for probe, page in pages.items():
-        path = folder / f"{probe}.html"
+        relative = page_path(report.prefix, report.step, probe, index["pages"])
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
         written.append(path)
-    index_path = root / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {"pages": []}
-    known = {(p["step"], p["probe"], p["prefix"]) for p in index["pages"]}
-    for probe in pages:
-        if (report.step, probe, report.prefix) not in known:
-            index["pages"].append({"step": report.step, "probe": probe, "prefix": report.prefix,
-                                   "method": report.method, "path": f"step_{report.step}/{probe}.html"})
+        entry = {"step": report.step, "probe": probe, "prefix": report.prefix, "method": report.method,
+                 "path": relative}
+        known = entries.get((report.step, probe, report.prefix))
+        if known is None:
+            index["pages"].append(entry)
+        else:  # a repeated step, or an entry of an older layout: point it at the page just written
+            known.update(entry)
     index_path.write_text(json.dumps(index, indent=1))
     return written
 

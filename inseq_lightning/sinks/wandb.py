@@ -5,8 +5,9 @@ Everything goes through one ``run.log`` call per pass with the key ``trainer/glo
 """
 
 from ..monitor.report import MonitorReport
+from ..monitor.values import HIGHER, definition
 from .base import Sink
-from .render import result_html, result_image, table_columns, table_row
+from .render import result_html, result_image, table_columns, table_rows
 
 
 class WandbSink(Sink):
@@ -24,8 +25,7 @@ class WandbSink(Sink):
         self.run = run
         self.step_key = step_key
         self.log_html, self.log_figures, self.log_table = log_html, log_figures, log_table
-        self._table = None
-        self._score_names: list[str] | None = None
+        self._tables: dict[str, dict] = {}  # per monitor prefix: its table and columns
         self._defined: set[str] = set()
 
     def log_report(self, report: MonitorReport) -> None:
@@ -35,6 +35,11 @@ class WandbSink(Sink):
         if report.prefix not in self._defined:
             self._defined.add(report.prefix)
             self.run.define_metric(f"{report.prefix}/*", step_metric=self.step_key)  # plot against the trainer's step
+            for name in report.value_names:  # the run summary keeps each mean's best value, as defined
+                better = definition(name).better
+                if better is not None:
+                    self.run.define_metric(f"{report.prefix}/mean/{name}", step_metric=self.step_key,
+                                           summary="max" if better == HIGHER else "min")
             if report.results:  # the probe set itself, once, for reference next to the per-step table
                 entry[f"{report.prefix}/probes"] = wandb.Table(
                     columns=["probe", "prompt", "target", "evidence"],
@@ -47,11 +52,12 @@ class WandbSink(Sink):
             if self.log_figures:
                 entry[f"{base}/heatmap"] = wandb.Image(result_image(result, report))
         if self.log_table and report.results:
-            if self._table is None:
-                self._score_names = sorted(report.results[0].step_scores)
-                self._table = wandb.Table(columns=table_columns(self._score_names), log_mode="INCREMENTAL")
-            for result in report.results:
-                self._table.add_data(*table_row(result, report, self._score_names))
-            entry[f"{report.prefix}/table"] = self._table
+            tables = self._tables.setdefault(report.prefix, {})
+            if "table" not in tables:  # the monitor declares every value up front: columns never change
+                tables["columns"] = table_columns(report)
+                tables["table"] = wandb.Table(columns=tables["columns"], log_mode="INCREMENTAL")
+            for row in table_rows(report, tables["columns"]):
+                tables["table"].add_data(*row)
+            entry[f"{report.prefix}/table"] = tables["table"]
         entry[self.step_key] = report.step
         self.run.log(entry)

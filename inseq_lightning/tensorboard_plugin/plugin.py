@@ -5,16 +5,24 @@ import os
 import time
 from pathlib import Path
 
+from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
-from werkzeug import Response, wrappers
+from werkzeug import wrappers
 
-from ..sinks.tensorboard import PLUGIN_NAME
+from .layout import INDEX_FILE, PLUGIN_NAME
 
 STATIC = Path(__file__).parent / "static"
 RESCAN_SECONDS = 5.0  # walking a large log dir on every request would be slow
 
 
 class AttributionsPlugin(base_plugin.TBPlugin):
+    """Lists ``<run>/plugins/inseq_lightning/index.json`` of every run and serves the pages it names.
+
+    Every response goes through ``http_util.Respond``, as TensorBoard's own plugins do, so it
+    carries ``X-Content-Type-Options: nosniff`` and, for HTML, TensorBoard's
+    Content-Security-Policy (``default-src 'self'``, no scripts).
+    """
+
     plugin_name = PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext):
@@ -31,7 +39,7 @@ class AttributionsPlugin(base_plugin.TBPlugin):
             runs = {}
             for root, dirs, files in os.walk(self._logdir):
                 here = Path(root)
-                if here.name == PLUGIN_NAME and here.parent.name == "plugins" and "index.json" in files:
+                if here.name == PLUGIN_NAME and here.parent.name == "plugins" and INDEX_FILE in files:
                     run = os.path.relpath(here.parent.parent, self._logdir)
                     runs[run] = here
                     dirs[:] = []
@@ -40,11 +48,14 @@ class AttributionsPlugin(base_plugin.TBPlugin):
 
     @staticmethod
     def _pages(plugin_dir: Path) -> list[dict]:
+        """The index's entries, sorted; entries of older indexes lacking a prefix or method get ``""``."""
         try:
-            pages = json.loads((plugin_dir / "index.json").read_text())["pages"]
-        except (OSError, ValueError, KeyError):
+            pages = json.loads((plugin_dir / INDEX_FILE).read_text())["pages"]
+        except (OSError, ValueError, KeyError, TypeError):
             return []
-        return sorted(pages, key=lambda p: (p.get("prefix", ""), p.get("probe", ""), p.get("step", 0)))
+        pages = [{"prefix": "", "method": "", **p} for p in pages
+                 if isinstance(p, dict) and {"step", "probe", "path"} <= p.keys()]
+        return sorted(pages, key=lambda p: (p["prefix"], p["probe"], p["step"]))
 
     # ---- TBPlugin -----------------------------------------------------------------------------
     def is_active(self) -> bool:
@@ -58,12 +69,12 @@ class AttributionsPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_js(self, request):
-        return Response((STATIC / "index.js").read_text(encoding="utf-8"), content_type="text/javascript")
+        return http_util.Respond(request, (STATIC / "index.js").read_text(encoding="utf-8"), "text/javascript")
 
     @wrappers.Request.application
     def _serve_pages(self, request):
         listing = {run: self._pages(folder) for run, folder in sorted(self._plugin_dirs().items())}
-        return Response(json.dumps(listing), content_type="application/json")
+        return http_util.Respond(request, listing, "application/json")
 
     @wrappers.Request.application
     def _serve_page(self, request):
@@ -71,11 +82,9 @@ class AttributionsPlugin(base_plugin.TBPlugin):
         run, wanted = request.args.get("run"), request.args.get("path")
         folder = self._plugin_dirs().get(run or "")
         if folder is None:
-            return Response("unknown run", status=404, content_type="text/plain")
-        listed = {p.get("path") for p in self._pages(folder)}
-        if wanted not in listed:
-            return Response("not in the index", status=404, content_type="text/plain")
-        path = (folder / wanted).resolve()
-        if folder.resolve() not in path.parents or not path.is_file():
-            return Response("not in the index", status=404, content_type="text/plain")
-        return Response(path.read_text(encoding="utf-8"), content_type="text/html; charset=utf-8")
+            return http_util.Respond(request, "unknown run", "text/plain", code=404)
+        listed = {p["path"] for p in self._pages(folder)}
+        path = (folder / wanted).resolve() if wanted in listed else None
+        if path is None or folder.resolve() not in path.parents or not path.is_file():
+            return http_util.Respond(request, "not in the index", "text/plain", code=404)
+        return http_util.Respond(request, path.read_text(encoding="utf-8"), "text/html")

@@ -2,6 +2,7 @@
 
 import contextlib
 import random
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +37,17 @@ def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None
         model.config._attn_implementation = implementation
 
 
+# Models inside a guard, and whether that guard restores the RNG streams. A guard inside another
+# on the same model snapshots nothing: the outer one restores everything when the public call that
+# opened it returns (one snapshot of every .grad and RNG per call, not one per batch or helper).
+_GUARDED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def is_guarded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is inside a :func:`preserve_model_state` block."""
+    return model in _GUARDED
+
+
 @contextlib.contextmanager
 def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, freeze: bool = False) -> Iterator[None]:
     """Restore every submodule's training flag, every parameter's ``requires_grad`` and ``.grad``
@@ -43,9 +55,21 @@ def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, free
     when the block exits, also when it raises. ``freeze``: set ``requires_grad=False`` on every
     parameter for the block (restored with the rest).
 
+    Re-entrant: inside an outer block on the same model that covers as much (RNG included when
+    asked for), this one only freezes; the outer block restores everything on exit. Code inside a
+    guard may therefore change modes for its own work, but must undo what later work in the same
+    call depends on (``mc_dropout_prob_avg`` puts dropout back off after its noisy forwards).
+
     Attribution uses ``torch.autograd.grad`` and never writes ``.grad``; the snapshot is a guard
     against step functions or user callbacks that do.
     """
+    if model in _GUARDED and (_GUARDED[model] or not preserve_rng):
+        if freeze:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.requires_grad_(False)
+        yield
+        return
     # Snapshots by object, not by name: restoring walks lists instead of re-deriving names, and
     # only what changed is written back (cheap on models with thousands of parameters).
     modes = [(module, module.training) for module in model.modules()]
@@ -54,6 +78,8 @@ def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, free
     grads = [(p.grad, p.grad.detach().clone()) if p.grad is not None else (None, None) for p in params]
     attn = _attn_implementation(model)
     rng = _rng_state() if preserve_rng else None
+    outer = _GUARDED.get(model)
+    _GUARDED[model] = preserve_rng
     try:
         if freeze:
             for p, flag in zip(params, requires_grad):
@@ -61,6 +87,10 @@ def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, free
                     p.requires_grad_(False)
         yield
     finally:
+        if outer is None:
+            _GUARDED.pop(model, None)
+        else:
+            _GUARDED[model] = outer
         for module, training in modes:
             if module.training != training:
                 module.training = training

@@ -1,4 +1,7 @@
-"""Matplotlib heatmaps for experiment trackers (TensorBoard add_figure, W&B images).
+"""Matplotlib heatmaps for people: ``fig.savefig``, notebooks, ``show(...)``.
+
+Trackers get :func:`.heatmap.attribution_heatmap`'s pixels instead: the same grid drawn in
+milliseconds, where a figure takes ~0.2 s, too slow for every probe on every monitoring pass.
 
 Figures are plain ``matplotlib.figure.Figure`` objects on an Agg canvas, never pyplot's: importing
 this package leaves the process's backend alone (a notebook keeps its inline plots), nothing is
@@ -58,6 +61,6 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
 
 
 def figure_to_rgb(fig) -> np.ndarray:
-    """``[H, W, 3]`` uint8 pixels of a figure, drawn once and shared by every tracker."""
+    """``[H, W, 3]`` uint8 pixels of a figure."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -33,6 +33,7 @@ export async function render() {
   for (const run of runs) runSelect.appendChild(option(run, run));
 
   const pagesOf = () => listing[runSelect.value];
+  // Two monitors on one run share probe names: a probe is picked together with its monitor's prefix.
   const probeKey = (p) => `${p.prefix}|${p.probe}`;
 
   function fillProbes() {
@@ -41,7 +42,7 @@ export async function render() {
     for (const p of pagesOf()) {
       if (!seen.has(probeKey(p))) {
         seen.add(probeKey(p));
-        probeSelect.appendChild(option(`${p.probe} (${p.method})`, probeKey(p)));
+        probeSelect.appendChild(option(`${p.probe} (${p.prefix || p.method})`, probeKey(p)));
       }
     }
     fillSteps();

@@ -1,0 +1,117 @@
+"""What a monitoring pass logs, defined once: each value's name, meaning, better direction and pooling.
+
+Every tracker is a projection of these definitions: TensorBoard and W&B scalars, the W&B table,
+``drift.csv``, the ``drift`` command's table, the demo's summary, Lightning's
+``trainer.callback_metrics`` and the HF Trainer's evaluation metrics all use the same names
+(relative to ``<prefix>/<probe>/`` and ``<prefix>/mean/``) and the same means over probes.
+A new value is added here (and computed in :class:`~inseq_lightning.monitor.ProbeMonitor`), or
+per monitor with ``ProbeMonitor(extra_values={...})``; every sink then carries it.
+"""
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .drift import DRIFT_COVERAGE, DRIFT_METRICS
+
+HIGHER, LOWER = "higher", "lower"
+
+
+@dataclass(frozen=True)
+class LoggedValue:
+    """One logged value.
+
+    Attributes:
+        name: its name relative to ``<prefix>/<probe>/``; a family ends in ``/*`` (``step_score/*``).
+        meaning: one line for a reader of the dashboard.
+        better: ``"higher"``, ``"lower"`` or None (a count, or a value whose good direction depends on
+            the run): the ``mode`` to give ``EarlyStopping`` / ``greater_is_better`` to the HF Trainer.
+        pooling: how ``mean/<name>`` combines the probes: ``"mean"`` over the probes where the value
+            is defined, ``"sum"`` for counts.
+    """
+
+    name: str
+    meaning: str
+    better: str | None = None
+    pooling: str = "mean"
+
+
+_DRIFT_MEANINGS = {
+    "cosine": ("cosine similarity of each attributed token's column, averaged over tokens", HIGHER),
+    "js_divergence": ("Jensen-Shannon divergence (bits) of the absolute columns, averaged over tokens", LOWER),
+    "top1_agreement": ("share of tokens whose most attributed source token is the same", HIGHER),
+    "top3_agreement": ("overlap of the top-3 source tokens, divided by 3, averaged over tokens", HIGHER),
+    "spearman": ("Spearman rank correlation of each column, averaged over tokens", HIGHER),
+    "tokens_compared": ("attributed tokens compared (the common prefix of the two continuations)", None),
+    "tokens_undefined": ("compared tokens where a metric is undefined (an all-zero column), left out of its mean",
+                         None),
+    "continuation_changed": ("1 when the generated continuation differs from the one compared with (generate mode)",
+                             None),
+}
+_AGAINST = {"drift_ref": "the first pass", "drift_prev": "the previous pass"}
+_COUNTS = ("tokens_compared", "tokens_undefined")
+# Step functions whose good direction is known (the rest depend on what the user attributes).
+_STEP_SCORE_BETTER = {"probability": HIGHER, "logit": HIGHER, "entropy": LOWER, "crossentropy": LOWER,
+                      "perplexity": LOWER}
+
+
+def _definitions() -> dict[str, LoggedValue]:
+    values = [
+        LoggedValue("step_score/*", "mean of a step function over the attributed tokens"),
+        LoggedValue("step_score_change_ref/*", "change of that mean since the first pass"),
+        LoggedValue("step_score_change_prev/*", "change of that mean since the previous pass"),
+        LoggedValue("evidence_mass", "share of absolute attribution on the probe's evidence tokens", HIGHER),
+    ]
+    for drift, against in _AGAINST.items():
+        for metric in (*DRIFT_METRICS, *DRIFT_COVERAGE):
+            meaning, better = _DRIFT_MEANINGS[metric]
+            values.append(LoggedValue(f"{drift}/{metric}", f"{meaning}; against {against}", better,
+                                      "sum" if metric in _COUNTS else "mean"))
+        values.append(LoggedValue(f"{drift}/probes_compared",
+                                  f"probes with at least one token compared against {against} (mean row only)",
+                                  None, "sum"))
+    return {v.name: v for v in values}
+
+
+LOGGED_VALUES: dict[str, LoggedValue] = _definitions()
+SECONDS = LoggedValue("seconds", "wall time of the pass (attribution and sinks), per pass", LOWER)
+
+
+def definition(name: str) -> LoggedValue:
+    """The definition of a logged value (relative name); names nobody defined are user values."""
+    if name in LOGGED_VALUES:
+        return LOGGED_VALUES[name]
+    family, _, leaf = name.rpartition("/")
+    if f"{family}/*" in LOGGED_VALUES:
+        base = LOGGED_VALUES[f"{family}/*"]
+        better = _STEP_SCORE_BETTER.get(leaf) if family == "step_score" else None
+        return LoggedValue(name, base.meaning.replace("a step function", f"step function {leaf!r}"), better)
+    if name == SECONDS.name:
+        return SECONDS
+    return LoggedValue(name, "user value (ProbeMonitor(extra_values=...))")
+
+
+def pool(name: str, values: Iterable[float]) -> float:
+    """Combine one value over probes as its definition says (NaN values are left out)."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    if definition(name).pooling == "sum":
+        return float(sum(defined))
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str] = ()) -> list[str]:
+    """Every per-probe value a monitor with these step scores can log, in a stable order (the columns
+    of ``drift.csv`` and of the W&B table)."""
+    names = [f"step_score/{s}" for s in step_scores]
+    for drift in _AGAINST:
+        names += [f"{drift}/{m}" for m in DRIFT_METRICS]
+        names += [f"{drift}/{m}" for m in DRIFT_COVERAGE if generate or m != "continuation_changed"]
+    names += [f"step_score_change_{kind}/{s}" for kind in ("ref", "prev") for s in step_scores]
+    names.append("evidence_mass")
+    names += [n for n in extra if n not in names]
+    return names
+
+
+def mean_only_names() -> list[str]:
+    """Values that exist only on the mean row (counts over probes)."""
+    return [f"{drift}/probes_compared" for drift in _AGAINST]
