@@ -1,4 +1,5 @@
-# The two commands of the README. Each sets up its own virtual environment (torch CPU first).
+# The two commands of the README. Each sets up its own virtual environment (torch==2.13.0 first, as pip
+# resolves it: install another build into .venv beforehand to keep it).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 

@@ -46,6 +46,10 @@ def attribute_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
 def drift_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -56,18 +60,15 @@ def drift_command(args: argparse.Namespace) -> int:
                                        step_scores=args.step_scores, tokenizer=args.tokenizer,
                                        tensorboard=args.tensorboard)
     table = Table(title=f"Attribution drift across checkpoints ({args.method}, mean over probes)")
-    for column in ("step", *args.step_scores, "evidence mass", "cosine vs first", "JS vs first", "Spearman vs first"):
-        table.add_column(column, justify="right")
-
-    def mean(report, read):
-        values = [v for v in (read(r) for r in report.results) if v is not None and not math.isnan(v)]
-        return f"{sum(values) / len(values):.3f}" if values else "-"
-
+    # The report's own means, under the names every tracker uses (monitor/values.py).
+    names = [*[f"step_score/{s}" for s in args.step_scores], "evidence_mass", "drift_ref/cosine",
+             "drift_ref/js_divergence", "drift_ref/spearman", "drift_ref/tokens_compared"]
+    table.add_column("step", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
     for report in reports:
-        table.add_row(str(report.step), *[mean(report, lambda r, n=n: r.step_scores.get(n)) for n in args.step_scores],
-                      mean(report, lambda r: r.evidence_mass), mean(report, lambda r: r.drift_reference.get("cosine")),
-                      mean(report, lambda r: r.drift_reference.get("js_divergence")),
-                      mean(report, lambda r: r.drift_reference.get("spearman")))
+        means = report.means()
+        table.add_row(str(report.step), *[_cell(means.get(name, math.nan)) for name in names])
     console.print(table)
     console.print(f"Per probe: [bold]{Path(args.output_dir) / 'drift.csv'}[/bold]; pages and JSON under step_<N>/")
     if args.tensorboard:

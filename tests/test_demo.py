@@ -36,7 +36,7 @@ def test_quick_demo_logs_everywhere(tmp_path, monkeypatch, capsys):
     assert len(result["module"].losses) == 8 and result["module"].losses[-1] < result["module"].losses[0]
     tb = Path(result["tensorboard"])
     assert list(tb.glob("events.out.tfevents.*"))
-    assert (tb / "plugins" / "inseq_lightning" / "step_8" / "probe_3.html").is_file()
+    assert (tb / "plugins" / "inseq_lightning" / "attribution_saliency" / "step_8" / "probe_3.html").is_file()
     rows = list(csv.DictReader((tb / "attributions" / "attribution_saliency" / "drift.csv").open()))
     assert len(rows) == 3 * (4 + 1) and all(0 < float(r["evidence_mass"]) < 1 for r in rows)  # 4 probes + mean
     wandb_rows = history_rows(next(Path(result["wandb"]).glob("run-*.wandb")))

@@ -55,7 +55,7 @@ def test_attributions_share_the_trainers_tensorboard_run_and_wandb_run(hf_models
     assert [e.step for e in events.Scalars(f"{prefix}/mean/drift_ref/cosine")] == [2, 4]
     assert [e.step for e in events.Images(f"{prefix}/probe_1/heatmap")] == steps
     assert [e.step for e in events.Tensors(f"{prefix}/probe_1/table/text_summary")] == steps
-    assert (run_dir / "plugins" / "inseq_lightning" / "step_4" / "probe_0.html").is_file()
+    assert (run_dir / "plugins" / "inseq_lightning" / "attribution_saliency" / "step_4" / "probe_0.html").is_file()
 
     wandb_run = Path(glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))[0])
     rows = history_rows(next(wandb_run.glob("run-*.wandb")))

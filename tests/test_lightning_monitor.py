@@ -76,7 +76,7 @@ def test_tensorboard_and_wandb_hold_every_logging_step(hf_models, tmp_path, wand
     plugin = Path(tb.log_dir) / "plugins" / "inseq_lightning"
     index = json.loads((plugin / "index.json").read_text())
     assert sorted((p["step"], p["probe"]) for p in index["pages"]) == [(s, p) for s in steps for p in ("probe_0", "probe_1")]
-    assert "probe_1 · saliency · step 4" in (plugin / "step_4" / "probe_1.html").read_text()
+    assert "probe_1 · saliency · step 4" in (plugin / "attribution_saliency" / "step_4" / "probe_1.html").read_text()
 
     run_dir = Path(glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))[0])
     rows = [r for r in history_rows(next(run_dir.glob("run-*.wandb"))) if f"{prefix}/probe_0/html/path" in r]

@@ -9,6 +9,7 @@ prints how the evidence mass, the step scores and the drift moved, and where to 
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -105,19 +106,19 @@ def summarise(result: dict) -> None:
     if monitor is None:
         return
     table = Table(title="How the probes moved (mean over probes)")
-    for column in ("step", "probability", "entropy", "evidence mass", "cosine vs step 0", "JS vs step 0",
-                   "top-1 agreement", "Spearman"):
+    # The reports' own means, under the names every tracker uses (monitor/values.py).
+    columns = {"probability": "step_score/probability", "entropy": "step_score/entropy",
+               "evidence mass": "evidence_mass", "cosine vs step 0": "drift_ref/cosine",
+               "JS vs step 0": "drift_ref/js_divergence", "top-1 agreement": "drift_ref/top1_agreement",
+               "Spearman": "drift_ref/spearman"}
+    for column in ("step", *columns):
         table.add_column(column, justify="right")
-    names = list(monitor.history.probes)
-    for k, row in enumerate(monitor.history.probes[names[0]].rows):
-        def mean(key, k=k):
-            values = [monitor.history.probes[n].rows[k].get(key) for n in names]
-            values = [v for v in values if v is not None]
-            return f"{sum(values) / len(values):.3f}" if values else "-"
-
-        table.add_row(str(row["step"]), mean("step_score/probability"), mean("step_score/entropy"),
-                      mean("evidence_mass"), mean("drift_ref/cosine"), mean("drift_ref/js_divergence"),
-                      mean("drift_ref/top1_agreement"), mean("drift_ref/spearman"))
+    for report in monitor.reports:
+        if report.stage != "fit":
+            continue
+        means = report.means()
+        table.add_row(str(report.step), *["-" if math.isnan(v := means.get(name, math.nan)) else f"{v:.3f}"
+                                          for name in columns.values()])
     console.print(table)
     share = monitor.seconds_spent / result["fit_seconds"]
     console.print(f"Monitor: {monitor.seconds_spent:.1f} s of {result['fit_seconds']:.1f} s fit wall time "

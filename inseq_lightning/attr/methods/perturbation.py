@@ -1,5 +1,6 @@
 """Occlusion: the change of the attributed score when one token's embedding is replaced by the
-baseline's. One forward per occluded position covers every step at once."""
+baseline's. Each occluded variant covers every step at once, and ``positions_per_forward`` variants
+(16 by default) share one batched forward."""
 
 import torch
 
@@ -34,7 +35,13 @@ def _occlusion_scores(
 
 @register_method
 class Occlusion(AttributionMethod):
-    """captum ``Occlusion`` with a one-token x d_model window and the UNK baseline, absolute value."""
+    """captum ``Occlusion`` with a one-token x d_model window and the UNK baseline, absolute value.
+
+    Args:
+        ctx: the engine context of one batch.
+        positions_per_forward: occluded positions batched into one forward (default 16; 1 uses the
+            least memory, ``[positions_per_forward * B, L, d_model]`` inputs per forward).
+    """
 
     name = "occlusion"
     granularity = "coarse"
