@@ -58,7 +58,7 @@ def drift_command(args: argparse.Namespace) -> int:
     console = default_console()
     reports = drift_across_checkpoints(args.checkpoints, args.probes, args.output_dir, method=args.method,
                                        step_scores=args.step_scores, tokenizer=args.tokenizer,
-                                       tensorboard=args.tensorboard)
+                                       tensorboard=args.tensorboard, base_model=args.base_model)
     table = Table(title=f"Attribution drift across checkpoints ({args.method}, mean over probes)")
     # The report's own means, under the names every tracker uses (monitor/values.py).
     names = [*[f"step_score/{s}" for s in args.step_scores], "evidence_mass", "drift_ref/cosine",
@@ -89,11 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--output-dir", default="outputs")
     attribute.set_defaults(func=attribute_command)
     drift = sub.add_parser("drift", help="attribution drift of a probe set across saved checkpoints")
-    drift.add_argument("checkpoints", nargs="+", help="checkpoint directories (save_pretrained format)")
+    drift.add_argument("checkpoints", nargs="+",
+                       help="checkpoint directories: full models (save_pretrained format) or PEFT adapter checkpoints")
     drift.add_argument("--probes", required=True, help="probes as .jsonl or .csv (prompt, target, evidence, name)")
     drift.add_argument("--method", default="saliency")
     drift.add_argument("--step-scores", nargs="*", default=["probability"])
-    drift.add_argument("--tokenizer", help="tokenizer directory (default: each checkpoint's own)")
+    drift.add_argument("--tokenizer", help="tokenizer directory (default: each checkpoint's own, else the base model's)")
+    drift.add_argument("--base-model", help="base model directory of adapter checkpoints, loaded once "
+                       "(default: base_model_name_or_path in their adapter_config.json)")
     drift.add_argument("--output-dir", default="outputs/drift")
     drift.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard run")
     drift.set_defaults(func=drift_command)

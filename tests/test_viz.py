@@ -102,3 +102,11 @@ def test_heatmaps_leave_pyplot_and_the_matplotlib_backend_alone(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend svg" in done.stdout
+
+
+def test_negative_scores_are_blue_and_positive_red_with_the_same_intensity():
+    from inseq_lightning.viz.colors import rgb
+
+    assert rgb(0.5, -1.0, 1.0) == (255, 128, 128)
+    assert rgb(-0.5, -1.0, 1.0) == (128, 128, 255)  # was drawn red, like +0.5
+    assert rgb(-1.0, -1.0, 2.0) == (0, 0, 255) and rgb(0.0, -1.0, 1.0) == (255, 255, 255)

@@ -1,7 +1,11 @@
 """TensorBoard: scalars, a Markdown table and a heatmap per probe, and the HTML for the plugin tab."""
 
+import io
 import json
 from pathlib import Path
+
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from ..monitor.report import MonitorReport
 from ..tensorboard_plugin.layout import INDEX_FILE, PLUGIN_NAME, page_path  # torch-free: the server imports it
@@ -64,12 +68,28 @@ class TensorBoardSink(Sink):
             if self.log_text:
                 self.writer.add_text(f"{base}/table", markdown_table(result, step), step)
             if self.log_figures:
-                self.writer.add_image(f"{base}/heatmap", result_image(result, report), step, dataformats="HWC")
+                self._add_png(f"{base}/heatmap", result_image(result, report), step)
             if self.log_html:
                 pages[result.probe.name] = result_html(result, report)
         if pages:
             write_plugin_html(self.log_dir, report, pages)
         self.writer.flush()
+
+    def _add_png(self, tag: str, pixels, step: int) -> None:
+        """``add_image`` for ``[H, W, 3]`` uint8 pixels, encoded once with fast PNG settings.
+
+        ``SummaryWriter.add_image`` converts the pixels to float, rescales them and encodes at PNG's
+        default level: most of a heatmap's cost. The summary written is the one it writes.
+        """
+        get_writer = getattr(self.writer, "_get_file_writer", None)
+        if get_writer is None:  # a writer of another kind: its own add_image
+            self.writer.add_image(tag, pixels, step, dataformats="HWC")
+            return
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        height, width = pixels.shape[:2]
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+        get_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def close(self) -> None:
         self.writer.flush()

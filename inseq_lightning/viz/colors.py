@@ -20,8 +20,8 @@ def rgb(value: float, min_val: float, max_val: float) -> tuple[int, int, int]:
     if math.isnan(value):
         return (255, 255, 255)
     if min_val < 0 < max_val:
-        x = value / max_val if value >= 0 else -value / min_val
-        x = max(-1.0, min(1.0, x if value >= 0 else -x))
+        x = value / max_val if value >= 0 else -(value / min_val)  # negative values map to [-1, 0)
+        x = max(-1.0, min(1.0, x))
     else:
         x = (value - min_val) / (max_val - min_val)
         x = max(0.0, min(1.0, x))

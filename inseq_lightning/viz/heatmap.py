@@ -8,13 +8,13 @@ matplotlib figure (:mod:`.figure`, kept for notebooks) takes ~0.2 s, more than a
 every probe on every pass can afford.
 
 Layout, top to bottom: the title; the generated tokens (columns), written upwards; the grid with
-the source and prefix tokens (rows) on its left, evidence rows marked by a green bar, and the colour
-scale on its right; one row per step score, each on its own scale as in the HTML view; a legend.
-NaN cells (tokens not generated yet) are left blank.
+the source and prefix tokens (rows) on its left, evidence rows marked by a green bar; one row per
+step score, each on its own scale as in the HTML view; the colour scale, lowest to highest score;
+what the green bar means. NaN cells (tokens not generated yet) are left blank. Nothing is wider
+than it must be: a map's cost is its pixels, mostly spent by the tracker encoding them.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +25,11 @@ from .colors import rgb, score_range
 from .layout import build_grid
 from .tokens import display_token
 
-CELL_WIDTH, CELL_HEIGHT = 16, 12  # pixels between grid lines; a row fits one line of the bitmap font
+CELL_WIDTH, CELL_HEIGHT = 16, 11  # pixels between grid lines; a row fits one line of the bitmap font
 MAX_LABEL_CHARS = 18
 BACKGROUND = (255, 255, 255)  # the HTML page's; rgb() gives it to NaN too
 _INK, _MUTED, _LINE, _SEPARATOR, _EVIDENCE = (0, 0, 0), (90, 90, 90), (221, 221, 221), (120, 120, 120), (0, 150, 60)
-_PAD, _GAP, _SCALE_WIDTH, _MARK_WIDTH, _SCALE_STEPS = 6, 4, 12, 4, 120
+_PAD, _GAP, _MARK_WIDTH, _SCALE_LENGTH = 6, 4, 4, 96
 
 
 @dataclass
@@ -72,19 +72,20 @@ def attribution_heatmap(seq: FeatureAttributionSequenceOutput, min_val: float | 
     rows = [_text(_label(t)) for t in grid.row_labels]
     columns = [np.rot90(_text(_label(t))) for t in grid.column_labels]  # read upwards
     names = [_text(_label(name)) for name in grid.step_scores]
-    heading = _text(_drawable(title or ""))
-    bounds = [_text(_number(v)) for v in (hi, lo, 0.0)]
-    legend = _text("green bar: evidence tokens" if evidence_rows else "")
+    heading, low, high = _text(_drawable(title or "")), _text(f"{lo:.3g}"), _text(f"{hi:.3g}")
+    legend = _text("evidence tokens" if evidence_rows else "")
 
     line = _text_height()
     grid_y = _PAD + (line + _GAP if title else 0) + max((c.shape[0] for c in columns), default=0) + _GAP
     grid_x = _PAD + max((t.shape[1] for t in rows + names), default=0) + _GAP + _MARK_WIDTH + 2
-    scale_x, scale_height = grid_x + cells.shape[1] + 2 * _GAP, min(max(cells.shape[0], 4 * line), 200)
-    scores_y = grid_y + max(cells.shape[0], scale_height) + _GAP
-    legend_y = scores_y + sum(r.shape[0] - 1 for r in score_rows) + _GAP
-    width = max(scale_x + _SCALE_WIDTH + _GAP + max(b.shape[1] for b in bounds), 2 * _PAD + heading.shape[1],
-                2 * _PAD + 2 * _MARK_WIDTH + legend.shape[1])
-    canvas = np.full((legend_y + (line + _GAP if evidence_rows else 0) + _PAD, width, 3), BACKGROUND[0], np.uint8)
+    scores_y = grid_y + cells.shape[0] + _GAP
+    scale_y = scores_y + sum(r.shape[0] for r in score_rows) + _GAP
+    legend_y = scale_y + line + _GAP
+    scale_x = _PAD + low.shape[1] + _GAP
+    width = max(grid_x + cells.shape[1], _PAD + heading.shape[1], scale_x + _SCALE_LENGTH + _GAP + high.shape[1],
+                _PAD + 2 * _MARK_WIDTH + legend.shape[1]) + _PAD
+    height = (legend_y + line if evidence_rows else scale_y + line) + _PAD
+    canvas = np.full((height, width, 3), BACKGROUND[0], np.uint8)
 
     _paste(canvas, cells, grid_y, grid_x)
     if "source" in grid.row_groups and "target" in grid.row_groups:  # where the target prefix begins
@@ -95,9 +96,9 @@ def attribution_heatmap(seq: FeatureAttributionSequenceOutput, min_val: float | 
             canvas[top : top + CELL_HEIGHT - 1, grid_x - _MARK_WIDTH - 2 : grid_x - 2] = _EVIDENCE
     for i, block in enumerate(score_rows):
         _paste(canvas, block, scores_y + i * CELL_HEIGHT, grid_x)
-    canvas[grid_y : grid_y + scale_height, scale_x : scale_x + _SCALE_WIDTH] = _scale(lo, hi, scale_height)[:, None]
+    canvas[scale_y + 1 : scale_y + line - 1, scale_x : scale_x + _SCALE_LENGTH] = _scale(lo, hi, _SCALE_LENGTH)
 
-    label_right, text_dy = grid_x - _MARK_WIDTH - _GAP, (CELL_HEIGHT - line) // 2 + 1
+    label_right, text_dy = grid_x - _MARK_WIDTH - _GAP, (CELL_HEIGHT - line + 1) // 2
     _write(canvas, heading, _PAD, _PAD, _INK)
     for i, mask in enumerate(rows):
         _write(canvas, mask, grid_y + i * CELL_HEIGHT + text_dy, label_right - mask.shape[1], _INK)
@@ -105,15 +106,11 @@ def attribution_heatmap(seq: FeatureAttributionSequenceOutput, min_val: float | 
         _write(canvas, mask, grid_y - _GAP - mask.shape[0], grid_x + j * CELL_WIDTH + (CELL_WIDTH - line) // 2 + 1, _INK)
     for i, mask in enumerate(names):
         _write(canvas, mask, scores_y + i * CELL_HEIGHT + text_dy, label_right - mask.shape[1], _MUTED)
-    bounds_x = scale_x + _SCALE_WIDTH + _GAP
-    _write(canvas, bounds[0], grid_y, bounds_x, _MUTED)
-    _write(canvas, bounds[1], grid_y + scale_height - line, bounds_x, _MUTED)
-    zero_y = grid_y + round((scale_height - 1) * hi / (hi - lo))
-    if lo < 0 < hi and line < zero_y - grid_y < scale_height - 2 * line:
-        _write(canvas, bounds[2], zero_y - line // 2, bounds_x, _MUTED)
+    _write(canvas, low, scale_y, _PAD, _MUTED)
+    _write(canvas, high, scale_y, scale_x + _SCALE_LENGTH + _GAP, _MUTED)
     if evidence_rows:
-        canvas[legend_y + text_dy : legend_y + text_dy + line, _PAD : _PAD + _MARK_WIDTH] = _EVIDENCE
-        _write(canvas, legend, legend_y + text_dy, _PAD + 2 * _MARK_WIDTH, _MUTED)
+        canvas[legend_y + 1 : legend_y + line - 1, _PAD : _PAD + _MARK_WIDTH] = _EVIDENCE
+        _write(canvas, legend, legend_y, _PAD + 2 * _MARK_WIDTH, _MUTED)
     return Heatmap(canvas, (grid_y, grid_x), (n_rows, n_cols))
 
 
@@ -142,10 +139,9 @@ def _widths(n: int, size: int) -> np.ndarray:
     return widths
 
 
-def _scale(lo: float, hi: float, height: int) -> np.ndarray:
-    """``[height, 3]`` colours from ``hi`` (top) to ``lo`` (bottom)."""
-    colours = np.array([rgb(v, lo, hi) for v in np.linspace(hi, lo, _SCALE_STEPS).tolist()], dtype=np.uint8)
-    return colours[np.linspace(0, _SCALE_STEPS - 1, height).round().astype(int)]
+def _scale(lo: float, hi: float, length: int) -> np.ndarray:
+    """``[length, 3]`` colours from ``lo`` to ``hi``."""
+    return np.array([rgb(v, lo, hi) for v in np.linspace(lo, hi, length).tolist()], dtype=np.uint8)
 
 
 def _paste(canvas: np.ndarray, block: np.ndarray, y: int, x: int) -> None:
@@ -187,7 +183,3 @@ def _label(token: str) -> str:
 def _drawable(text: str) -> str:
     """The bitmap font draws Latin-1 only: other characters become ``?``."""
     return text.encode("latin-1", "replace").decode("latin-1")
-
-
-def _number(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.3g}"
