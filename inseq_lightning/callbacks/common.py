@@ -12,6 +12,24 @@ from ..sinks import FileSink, Sink, TensorBoardSink
 KEEP_REPORTS = 20  # the newest reports stay on the callback, for notebooks and tests
 
 
+def unwrap_for_attribution(model):
+    """The Hugging Face model inside the wrappers training puts around it, attributed eagerly with the
+    same weights: ``torch.compile``'s ``_orig_mod``, PEFT's ``get_base_model()`` (adapters on, in
+    place), DDP / FSDP1 ``.module``. Stops at the first ``PreTrainedModel`` (or when nothing unwraps)."""
+    from transformers import PreTrainedModel
+
+    while model is not None and not isinstance(model, PreTrainedModel):
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    return model
+
+
 class MonitorCallbackBase:
     """Mixin of the Lightning and HF callbacks; they only decide when to call :meth:`_attribute`."""
 

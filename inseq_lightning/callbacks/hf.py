@@ -17,7 +17,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..monitor.probes import ProbeSet
 from ..sinks import Sink
-from .common import MonitorCallbackBase
+from .common import MonitorCallbackBase, unwrap_for_attribution
 
 STRATEGIES = ("steps", "epoch", "eval", "no")
 
@@ -169,8 +169,8 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             model = kwargs.get("model")
         if model is None:
             raise ValueError("AttributionCallback got no model from the Trainer; pass trainer= (see attach())")
-        # A model compiled before it reached the Trainer: attribute the original module (same weights, eager)
-        return getattr(model, "_orig_mod", model)
+        # Compiled or PEFT-wrapped models: the HF model inside, same weights, adapters on, eager.
+        return unwrap_for_attribution(model)
 
     def _tokenizer_from(self, kwargs):
         tokenizer = self._tokenizer or kwargs.get("processing_class")

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import PreTrainedModel
 
 from ..sinks import Sink
-from .common import MonitorCallbackBase
+from .common import MonitorCallbackBase, unwrap_for_attribution
 
 
 class AttributionMonitor(MonitorCallbackBase, Callback):
@@ -129,15 +129,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             model = getattr(pl_module, "model", None)
             if not isinstance(model, PreTrainedModel) and isinstance(pl_module, PreTrainedModel):
                 model = pl_module
-        while model is not None and not isinstance(model, PreTrainedModel):
-            if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule: same weights, attributed eagerly
-                model = model._orig_mod
-            elif hasattr(model, "get_base_model"):  # PEFT: attribute the base model, adapters included
-                model = model.get_base_model()
-            elif hasattr(model, "module"):  # DDP / FSDP1 wrappers keep the wrapped model in .module
-                model = model.module
-            else:
-                break
+        model = unwrap_for_attribution(model)
         if not isinstance(model, PreTrainedModel):
             raise MisconfigurationException(
                 "AttributionMonitor could not find the Hugging Face model: keep it in `self.model` of your "
