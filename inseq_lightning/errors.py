@@ -34,3 +34,7 @@ class ModelLoadingError(InseqLightningError, ValueError):
 
 class TokenizerError(InseqLightningError, ValueError):
     """A tokenizer that lacks something attribution needs (pad, unk or eos tokens)."""
+
+
+class TokenBoundaryWarning(UserWarning):
+    """A prompt ends inside a token of its full text: that token is attributed as the first target token."""

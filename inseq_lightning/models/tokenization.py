@@ -1,10 +1,11 @@
 """Turning texts into a :class:`Batch`: tokenization, baselines and the positions to attribute."""
 
+import warnings
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import InvalidInputError, TokenizerError
+from ..errors import InvalidInputError, TokenBoundaryWarning, TokenizerError
 from .batch import Batch, pad_right
 
 
@@ -52,6 +53,54 @@ def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
         ids = ids[1:]
     return ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_boundary(tokenizer, prompt: str, full_text: str, prompt_ids: list[int], full_ids: list[int],
+                    add_special_tokens: bool, name: str) -> int:
+    """The index of the first token of ``full_ids`` (the tokenized ``full_text``) that holds a
+    character after ``prompt``: the first attributed step.
+
+    Tokenizing the prompt alone and skipping that many tokens is right only when the prompt's tokens
+    are a prefix of the full text's. Otherwise (``"Answer: "`` + ``"the"``, where the space joins
+    ``Ġthe``; ``"capi"`` + ``"tal"``) the boundary is located with the tokenizer's character offsets,
+    so that every target character is attributed; a token that holds both prompt and target
+    characters is attributed, with a :class:`TokenBoundaryWarning` naming it.
+    """
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return len(prompt_ids)
+    cut = len(prompt)
+    start = None
+    if getattr(tokenizer, "is_fast", False):
+        encoding = tokenizer(full_text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+        offsets = list(encoding["offset_mapping"])
+        offsets = offsets[len(offsets) - len(full_ids):]  # a duplicate BOS dropped by _encode
+        if list(encoding["input_ids"])[len(encoding["input_ids"]) - len(full_ids):] == full_ids:
+            start = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(full_ids))
+            straddles = offsets[start][0] < cut if start < len(full_ids) else False
+    if start is None:  # no offsets: the tokens both encodings share are the prompt's
+        start = _common_prefix(prompt_ids, full_ids)
+        straddles = True
+    if start == 0:
+        raise InvalidInputError(
+            f"{name}: the prompt ends inside the first token, which nothing precedes to predict it; end the prompt "
+            "on a token boundary or make it longer"
+        )
+    if straddles and start < len(full_ids):
+        token = tokenizer.convert_ids_to_tokens(full_ids[start])
+        warnings.warn(
+            f"{name}: the prompt ends inside token {token!r} of the full text (the two tokenize differently at "
+            f"their boundary); that token is attributed as the first target token.", TokenBoundaryWarning, stacklevel=3
+        )
+    return start
 
 
 def encode_input(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
@@ -145,12 +194,15 @@ def build_batch(
             for i, (p, f) in enumerate(zip(prompts, fulls)):
                 if f[: len(p)] != p:
                     raise InvalidInputError(f"generated_ids[{i}] does not start with the ids of its prompt")
+            boundaries = [len(p) for p in prompts]
         else:
             fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
+            boundaries = [prompt_boundary(tok, prompt, full, p, f, add_special, f"generated_texts[{i}]")
+                          for i, (prompt, full, p, f) in enumerate(zip(input_texts, generated_texts, prompts, fulls))]
         positions = []
-        for i, (p, f) in enumerate(zip(prompts, fulls)):
+        for i, (boundary, f) in enumerate(zip(boundaries, fulls)):
             _check_length(wrapper.model, "generated_texts", i, f)
-            start = len(p) if attr_pos_start is None else max(len(p), attr_pos_start)
+            start = boundary if attr_pos_start is None else max(boundary, attr_pos_start)
             end = len(f) if attr_pos_end is None else min(len(f), attr_pos_end)
             if start >= end:
                 raise InvalidInputError(

@@ -238,7 +238,8 @@ class ProbeMonitor:
         result = ProbeResult(probe, output, aggregated, scores)
         spans = probe.evidence_spans()
         if spans:
-            rows = evidence_rows(tokenizer, probe.prompt, [t.id for t in seq.source], spans)
+            full_text = (output.info.get("generated_texts") or [None])[0]
+            rows = evidence_rows(tokenizer, probe.prompt, [t.id for t in seq.source], spans, full_text)
             if rows is None:
                 self._fail(f"evidence:{probe.name}", f"Probe {probe.name!r}: evidence could not be located in tokens",
                            ValueError("the tokenizer gives no offsets that match the attributed tokens"))
