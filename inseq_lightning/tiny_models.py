@@ -102,6 +102,21 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]")
 
 
+# SmolLM2-Instruct's template (ChatML): what a chat-tuned model's tokenizer renders conversations with.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@cache
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ChatML's special tokens and chat template, as chat-tuned models ship them."""
+    tok = _train(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 400)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
 TOKENIZERS = {"byte_level": gpt2_tokenizer, "metaspace": metaspace_tokenizer, "wordpiece": wordpiece_tokenizer}
 
 

@@ -223,6 +223,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._adopt_live_objects()
+        self.monitor.check_probes(self._model(kwargs), self._tokenizer_from(kwargs))  # before the first step
         self._in_training = True
         # Directories and sinks are resolved on every rank; only the world's process zero writes.
         sinks = self._build_sinks(args) if state.is_world_process_zero else []

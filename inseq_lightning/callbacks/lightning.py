@@ -116,6 +116,7 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._resolve_model(pl_module)
+        self.monitor.check_probes(self.model, self.tokenizer)  # fail before training, never in the middle
         # Directories are resolved on every rank: trainer.log_dir broadcasts, so calling it from
         # rank zero alone would hang a distributed run.
         log_dir = trainer.log_dir or trainer.default_root_dir

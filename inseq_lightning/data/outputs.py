@@ -306,7 +306,7 @@ class FeatureAttributionOutput:
 
 
 # Info values that hold one entry per sequence (the rest describe the whole call).
-_PER_SEQUENCE_INFO = ("input_texts", "generated_texts")
+_PER_SEQUENCE_INFO = ("input_texts", "generated_texts", "attr_pos_start", "attr_pos_end")
 
 
 def output_for_sequence(output: FeatureAttributionOutput, index: int) -> FeatureAttributionOutput:
@@ -338,7 +338,8 @@ def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAt
             steps.extend(out.step_attributions)
     for key in outputs[0].info:
         values = [o.info.get(key) for o in outputs]
-        if key in ("input_texts", "generated_texts"):
+        if key in ("input_texts", "generated_texts") or (key in _PER_SEQUENCE_INFO and all(isinstance(v, list)
+                                                                                          for v in values)):
             info[key] = [v for vals in values for v in (vals if isinstance(vals, list) else [vals])]
         elif key == "exec_time":
             info[key] = sum(v or 0 for v in values)

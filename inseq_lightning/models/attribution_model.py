@@ -156,7 +156,8 @@ class AttributionModel:
             method: attribution method name (default: the one given to :func:`load_model`).
             override_default_attribution: make ``method`` the default for later calls.
             pretty_progress: accepted for inseq compatibility; the progress bar is always rich's compact bar.
-            attr_pos_start, attr_pos_end: target positions to attribute.
+            attr_pos_start, attr_pos_end: target positions to attribute: one int for every sequence, or
+                a list with one int (or None) per input text (an extension of inseq's arguments).
             attribute_target: also attribute the target prefix (encoder-decoder).
             step_scores: step function names computed alongside (``[N]`` per sequence).
             attributed_fn: step function name or callable whose value is attributed (default probability).
@@ -190,6 +191,12 @@ class AttributionModel:
         score_fn, score_fn_name = self._resolve_attributed_fn(attributed_fn)
         step_fns = {name: get_step_function(name) for name in step_scores}
         method_kwargs, score_kwargs = self._route_kwargs(attribution, score_fn, step_fns, kwargs)
+        for name, value in (("attr_pos_start", attr_pos_start), ("attr_pos_end", attr_pos_end)):
+            if isinstance(value, (list, tuple)) and len(value) != len(input_list):
+                raise InvalidInputError(f"{name} has {len(value)} positions for {len(input_list)} input texts; "
+                                        "pass one per text, or one int for all")
+        attr_pos_start = list(attr_pos_start) if isinstance(attr_pos_start, tuple) else attr_pos_start
+        attr_pos_end = list(attr_pos_end) if isinstance(attr_pos_end, tuple) else attr_pos_end
         generation_args = dict(generation_args or {})
         # One guard for the whole call (generation, every batch): modes, requires_grad, .grad and RNG
         # are snapshotted once and restored when the call returns or raises. Frozen weights: gradients
@@ -225,7 +232,8 @@ class AttributionModel:
                 # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
                 batches = [build_batch(self, [input_list[i] for i in chunk],
                                        None if generated_ids is not None else [generated_list[i] for i in chunk],
-                                       attr_pos_start, attr_pos_end, include_eos_baseline, skip_special_tokens,
+                                       _chunk(attr_pos_start, chunk), _chunk(attr_pos_end, chunk),
+                                       include_eos_baseline, skip_special_tokens,
                                        generated_ids=[generated_ids[i] for i in chunk] if generated_ids is not None else None)
                            for chunk in chunks]
                 total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
@@ -355,6 +363,11 @@ class AttributionModel:
             ))
         steps = _step_outputs(sequences, batch) if with_steps else None
         return FeatureAttributionOutput(sequences, steps, {})
+
+
+def _chunk(value, indices: range):
+    """A per-sequence list cut to one batch's sequences (anything else is shared by all)."""
+    return [value[i] for i in indices] if isinstance(value, list) else value
 
 
 def _owned(view: torch.Tensor) -> torch.Tensor:

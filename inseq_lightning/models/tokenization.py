@@ -103,6 +103,21 @@ def prompt_boundary(tokenizer, prompt: str, full_text: str, prompt_ids: list[int
     return start
 
 
+def tokens_before_char(wrapper, text: str, char: int, skip_special_tokens: bool = False) -> int:
+    """How many tokens of ``text``, encoded as a decoder-only model's full text is attributed, hold a
+    character before ``char``: the ``attr_pos_end`` of a target that ends at ``char`` (a token that
+    straddles ``char`` is counted in)."""
+    tok = wrapper.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise TokenizerError(f"{type(tok).__name__} gives no character offsets; load its fast version "
+                             "(use_fast=True) to attribute conversations")
+    ids = encode_input(wrapper, text, skip_special_tokens)
+    encoding = tok(text, return_offsets_mapping=True, add_special_tokens=not skip_special_tokens)
+    offsets = list(encoding["offset_mapping"])[len(encoding["input_ids"]) - len(ids):]
+    inside = [i for i, (start, end) in enumerate(offsets) if end > start and start < char]
+    return inside[-1] + 1 if inside else 0
+
+
 def encode_input(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
     """The ids of an input text as attribution sees them (decoder-only: the prompt; encoder-decoder: the source)."""
     bos = None if wrapper.is_encoder_decoder else wrapper.special_ids.bos
@@ -142,12 +157,17 @@ def _check_length(model, name: str, index: int, ids: list[int]) -> None:
         )
 
 
+def _position(value: int | list[int | None] | None, index: int) -> int | None:
+    """``attr_pos_start``/``attr_pos_end`` for sequence ``index``: one value for all, or one per sequence."""
+    return value[index] if isinstance(value, list) else value
+
+
 def build_batch(
     wrapper,
     input_texts: list[str],
     generated_texts: list[str] | None,
-    attr_pos_start: int | None,
-    attr_pos_end: int | None,
+    attr_pos_start: int | list[int | None] | None,
+    attr_pos_end: int | list[int | None] | None,
     include_eos_baseline: bool,
     skip_special_tokens: bool,
     generated_ids: list[list[int]] | None = None,
@@ -174,9 +194,10 @@ def build_batch(
             _check_length(wrapper.model, "input_texts", i, s)
             _check_length(wrapper.model, "generated_texts", i, t)
         positions = []
-        for t in targets:
-            start = 1 if attr_pos_start is None else max(1, attr_pos_start)
-            end = len(t) if attr_pos_end is None else min(len(t), attr_pos_end + 1)
+        for i, t in enumerate(targets):
+            first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
+            start = 1 if first is None else max(1, first)
+            end = len(t) if last is None else min(len(t), last + 1)
             positions.append(list(range(start, end)))
         src_ids, src_mask = pad_right(sources, special.pad)
         src_base, _ = pad_right([baseline_ids(s, special, include_eos_baseline) for s in sources], special.pad)
@@ -202,8 +223,9 @@ def build_batch(
         positions = []
         for i, (boundary, f) in enumerate(zip(boundaries, fulls)):
             _check_length(wrapper.model, "generated_texts", i, f)
-            start = boundary if attr_pos_start is None else max(boundary, attr_pos_start)
-            end = len(f) if attr_pos_end is None else min(len(f), attr_pos_end)
+            first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
+            start = boundary if first is None else max(boundary, first)
+            end = len(f) if last is None else min(len(f), last)
             if start >= end:
                 raise InvalidInputError(
                     f"generated_texts[{i}] adds no token to its prompt within attr_pos_start..attr_pos_end; "

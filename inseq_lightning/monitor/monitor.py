@@ -17,9 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..attr.methods import get_method
 from ..attr.step_functions import get_step_function
 from ..data.outputs import FeatureAttributionOutput, output_for_sequence
-from ..errors import InseqLightningError
+from ..errors import InseqLightningError, InvalidInputError
 from ..models.attribution_model import AttributionModel
+from ..models.tokenization import tokens_before_char
 from ..utils.sharding import has_sharded_parameters
+from .chat import message_label, render_chat
 from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import evidence_rows
@@ -89,7 +91,34 @@ class ProbeMonitor:
                 raise ValueError(f"extra_values[{name!r}] must map a new relative name (not a built-in value) to a "
                                  "function of a ProbeResult returning a float")
         self.extra_values = extra
-        self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra))
+        labels = [message_label(i, m["role"]) for probe in self.probes for i, m in enumerate(probe.messages)]
+        self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra, dict.fromkeys(labels)))
+
+    def check_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check, before training, what only the model and tokenizer can tell: conversations need a chat
+        template (a :class:`TokenizerError` otherwise), and every probe must fit the model's positions
+        (a :class:`MonitoringError` with ``strict=True``; otherwise one warning now, and the probe is
+        skipped at every pass)."""
+        wrapper = self._wrapper(model, tokenizer)
+        limit = next((v for k in ("n_positions", "max_position_embeddings")
+                      if isinstance(v := getattr(model.config, k, None), int) and v > 0), None)
+        too_long = []
+        for probe in self.probes:
+            prompts, targets, _ = self._texts(wrapper, [probe])  # renders conversations: template errors raise here
+            text = (targets or prompts)[0]
+            length = len(tokenizer(text)["input_ids"])
+            if self.probes.generate:
+                length += int(self.probes.generation_args.get("max_new_tokens", 0))
+            if limit is not None and length > limit:
+                too_long.append(f"{probe.name} ({length} tokens)")
+        if too_long:
+            message = (f"Probes longer than the model's {limit} positions: {', '.join(too_long)}; shorten them or "
+                       "split them into several probes")
+            if self.strict:
+                raise MonitoringError(message)
+            warnings.warn(f"{message}. They are skipped at every pass (strict=False).", AttributionMonitorWarning,
+                          stacklevel=2)
+            self._warned.update(f"probe:{name.split(' ')[0]}" for name in too_long)
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -120,20 +149,40 @@ class ProbeMonitor:
             self._wrapper_cache = AttributionModel(model, tokenizer, self.method)
         return self._wrapper_cache
 
-    def _targets(self, wrapper: AttributionModel, probes: list[Probe]) -> list[str] | None:
+    def _texts(self, wrapper: AttributionModel, probes: list[Probe]) -> tuple[list[str], list[str] | None, list | None]:
+        """Prompts, targets (None: generate) and per-probe ``attr_pos_end`` (None: to the end) to attribute."""
+        prompts, targets, ends = [], [], []
+        for probe in probes:
+            if probe.is_chat:
+                if wrapper.is_encoder_decoder:
+                    raise InvalidInputError(f"Probe {probe.name!r} is a conversation; chat templates render "
+                                            "decoder-only prompts: give an encoder-decoder model plain texts")
+                rendered = render_chat(wrapper.tokenizer, probe.messages, None if self.probes.generate else probe.target)
+                prompts.append(rendered.prompt_text)
+                targets.append(rendered.full_text)
+                # Only the answer's content tokens are steps: the template's closing tokens stay out.
+                closed = self.probes.generate or self.probes.include_template_tokens
+                ends.append(None if closed else tokens_before_char(wrapper, rendered.full_text, rendered.answer_span[1]))
+            elif wrapper.is_encoder_decoder:
+                prompts.append(probe.prompt)
+                targets.append(probe.target)
+                ends.append(None)
+            else:  # decoder-only targets may omit their prompt
+                prompts.append(probe.prompt)
+                targets.append(probe.target if probe.target is None or probe.target.startswith(probe.prompt)
+                               else probe.prompt + probe.target)
+                ends.append(None)
         if self.probes.generate:
-            return None  # attribute() generates and keeps the generated ids
-        if wrapper.is_encoder_decoder:
-            return [p.target for p in probes]
-        # Decoder-only targets may omit their prompt.
-        return [p.target if p.target.startswith(p.prompt) else p.prompt + p.target for p in probes]
+            targets = None  # attribute() generates and keeps the generated ids
+        return prompts, targets, ends if any(e is not None for e in ends) else None
 
     def _attribute(self, wrapper: AttributionModel, probes: list[Probe]) -> FeatureAttributionOutput:
         generation = {"generation_args": dict(self.probes.generation_args)} if self.probes.generate else {}
+        prompts, targets, ends = self._texts(wrapper, probes)
+        positions = {"attr_pos_end": ends} if ends is not None else {}
         return wrapper.attribute(
-            [p.prompt for p in probes], self._targets(wrapper, probes), method=self.method,
-            step_scores=self.step_scores, show_progress=False, batch_size=self.batch_size, **generation,
-            **self.method_kwargs,
+            prompts, targets, method=self.method, step_scores=self.step_scores, show_progress=False,
+            batch_size=self.batch_size, **generation, **positions, **self.method_kwargs,
         )
 
     def attribute_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -236,10 +285,20 @@ class ProbeMonitor:
         scores = {name: float(values.float().mean()) for name, values in aggregated.step_scores.items()}
         current = AttributionMap.from_sequence(aggregated)
         result = ProbeResult(probe, output, aggregated, scores)
-        spans = probe.evidence_spans()
+        full_text = (output.info.get("generated_texts") or [None])[0]
+        source_ids = [t.id for t in seq.source]
+        if probe.is_chat:
+            rendered = render_chat(tokenizer, probe.messages, None)
+            prompt_text = rendered.prompt_text
+            spans = probe.evidence_spans(prompt_text, [(start, end) for _, start, end in rendered.message_spans])
+            for label, start, end in rendered.message_spans:  # which message the answer comes from
+                rows = evidence_rows(tokenizer, prompt_text, source_ids, [(start, end)], full_text)
+                if rows:
+                    result.message_mass[label] = evidence_mass(current, rows)
+        else:
+            prompt_text, spans = probe.prompt, probe.evidence_spans()
         if spans:
-            full_text = (output.info.get("generated_texts") or [None])[0]
-            rows = evidence_rows(tokenizer, probe.prompt, [t.id for t in seq.source], spans, full_text)
+            rows = evidence_rows(tokenizer, prompt_text, source_ids, spans, full_text)
             if rows is None:
                 self._fail(f"evidence:{probe.name}", f"Probe {probe.name!r}: evidence could not be located in tokens",
                            ValueError("the tokenizer gives no offsets that match the attributed tokens"))

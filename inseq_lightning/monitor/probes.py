@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from .chat import normalize_messages
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _EVIDENCE_MATCHES = ("word", "substring")
@@ -25,9 +26,14 @@ class Probe:
     """One probe example.
 
     Attributes:
-        prompt: the input (decoder-only: the prompt; encoder-decoder: the source text).
+        prompt: the input (decoder-only: the prompt; encoder-decoder: the source text), or a
+            conversation: a list of ``{"role", "content"}`` messages, rendered with the tokenizer's
+            own chat template (generation prompt included) when the probe is attributed. A
+            conversation's last assistant message is the target when ``target`` is not given.
         target: the forced target. Decoder-only targets may be given with or without the prompt
             in front; the prompt is prepended when missing. ``None`` asks the model to generate it.
+            For a conversation: the assistant's answer (text, or TRL's ``[{"role": "assistant",
+            "content": ...}]`` completion); only its content tokens are attributed steps.
         evidence: what a correct model should rely on, in the prompt: words/phrases (every
             occurrence counts) or ``(start, end)`` character spans. A token is evidence when one of
             its non-whitespace characters lies in the evidence, so the space a byte-level BPE
@@ -35,13 +41,18 @@ class Probe:
         name: a unique name, used in tags and file names.
         evidence_match: how words/phrases are found: ``"word"`` (default) matches whole words only,
             so ``"Leo"`` does not match inside ``"Leonard"``; ``"substring"`` matches anywhere.
+        evidence_ignore_case: match words/phrases whatever their case.
+
+    In a conversation, evidence is words or phrases found in any message's content (never in the
+    template's own text).
     """
 
-    prompt: str
+    prompt: str | tuple[dict, ...]
     target: str | None = None
     evidence: tuple[str | tuple[int, int], ...] = ()
     name: str = ""
     evidence_match: str = "word"
+    evidence_ignore_case: bool = False
 
     def __post_init__(self):
         if self.evidence_match not in _EVIDENCE_MATCHES:
@@ -49,24 +60,85 @@ class Probe:
                 f"Probe {self.name!r}: evidence_match={self.evidence_match!r}; pass \"word\" to match whole words "
                 "or \"substring\" to match inside words"
             )
+        if not isinstance(self.prompt, str):
+            self._set_conversation()
 
-    def evidence_spans(self) -> list[tuple[int, int]]:
-        """Character spans of the evidence in ``prompt``."""
+    def _set_conversation(self) -> None:
+        where = f"Probe {self.name!r}" if self.name else "Probe"
+        messages = normalize_messages(self.prompt, where)
+        target = self.target
+        if isinstance(target, (list, tuple)):  # TRL's conversational completion
+            answer = normalize_messages(target, where)
+            if len(answer) != 1 or answer[0]["role"] != "assistant":
+                raise InvalidInputError(f"{where}: a conversational completion is one assistant message")
+            target = answer[0]["content"]
+        if target is None and messages[-1]["role"] == "assistant":
+            messages, target = messages[:-1], messages[-1]["content"]
+        if not messages:
+            raise InvalidInputError(f"{where}: the conversation has only the assistant's answer; add the user turn")
+        if messages[-1]["role"] == "assistant":
+            raise InvalidInputError(f"{where}: the conversation ends with two assistant turns in a row; the last one "
+                                    "is the answer, so the one before it must be followed by a user turn")
+        if target is not None and not target.strip():
+            raise InvalidInputError(f"{where}: the assistant's answer is empty")
+        if any(not isinstance(item, str) for item in self.evidence):
+            raise InvalidInputError(f"{where}: evidence in a conversation is words or phrases found in its messages, "
+                                    "not character spans")
+        object.__setattr__(self, "prompt", messages)
+        object.__setattr__(self, "target", target)
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the prompt is a conversation (rendered with the tokenizer's chat template)."""
+        return not isinstance(self.prompt, str)
+
+    @property
+    def messages(self) -> tuple[dict, ...]:
+        """The conversation before the answer (empty for a plain-text probe)."""
+        return self.prompt if self.is_chat else ()
+
+    @property
+    def display_prompt(self) -> str:
+        """The prompt as one line of text, for tables and titles."""
+        if not self.is_chat:
+            return self.prompt
+        return " | ".join(f"{m['role']}: {m['content']}" for m in self.messages)
+
+    def evidence_spans(self, text: str | None = None, regions: list[tuple[int, int]] | None = None,
+                       ) -> list[tuple[int, int]]:
+        """Character spans of the evidence in ``prompt`` (or in ``text``, a rendering of it, searched
+        only inside ``regions``: the messages' contents in a rendered conversation)."""
+        if self.is_chat and text is None:  # no tokenizer yet: check each phrase occurs in some message
+            for item in self.evidence:
+                if not any(self._find_text(item, m["content"]) for m in self.messages):
+                    raise InvalidInputError(self._not_found(item, "in any message of its conversation"))
+            return []
+        text = self.prompt if text is None else text
+        regions = regions if regions is not None else [(0, len(text))]
         spans: list[tuple[int, int]] = []
         for item in self.evidence:
-            spans.extend(self._find_text(item) if isinstance(item, str) else [self._check_span(item)])
+            if not isinstance(item, str):
+                spans.append(self._check_span(item))
+                continue
+            found = [(start + s, start + e) for start, end in regions
+                     for s, e in self._find_text(item, text[start:end])]
+            if not found:
+                raise InvalidInputError(self._not_found(item, "in its prompt"))
+            spans.extend(found)
         return spans
 
-    def _find_text(self, text: str) -> list[tuple[int, int]]:
+    def _not_found(self, item: str, where: str) -> str:
+        hint = ('; fix it, or pass evidence_match="substring" to match inside words'
+                if self.evidence_match == "word" else "")
+        case = "" if self.evidence_ignore_case else " (evidence_ignore_case=True matches whatever the case)"
+        whole = " as a whole word" if self.evidence_match == "word" else ""
+        return f"Probe {self.name!r}: evidence {item!r} does not occur {where}{whole}{hint}{case}"
+
+    def _find_text(self, text: str, haystack: str) -> list[tuple[int, int]]:
         if not text.strip():
             raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} is blank; pass a word, a phrase or a span")
-        found = [(m.start(), m.end()) for m in re.finditer(self._pattern(text), self.prompt)]
-        if not found and self.evidence_match == "word":
-            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} does not occur in its prompt as a whole "
-                                    'word; fix it, or pass evidence_match="substring" to match inside words')
-        if not found:
-            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} does not occur in its prompt")
-        return found
+        flags = re.IGNORECASE if self.evidence_ignore_case else 0
+        return [(m.start(), m.end()) for m in re.finditer(self._pattern(text), haystack, flags)]
 
     def _pattern(self, text: str) -> str:
         pattern = re.escape(text)
@@ -107,20 +179,30 @@ class ProbeSet:
         generate: attribute the model's own greedy continuation instead of the fixed targets
             (targets then change between checkpoints, and drift is only compared where they match).
         generation_args: passed to ``model.generate`` in generate mode.
+        include_template_tokens: in conversations, also attribute the chat template's tokens after
+            the answer (``<|im_end|>``, ...) as steps; by default only the answer's content tokens are
+            steps, so the template's tokens never enter the step scores, drift and evidence mass.
     """
 
     probes: list[Probe]
     generate: bool = False
     generation_args: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 10, "do_sample": False})
+    include_template_tokens: bool = False
 
     def __post_init__(self):
         if not self.probes:
             raise InvalidInputError("A ProbeSet needs at least one probe")
         named = []
         for i, probe in enumerate(self.probes):
-            if not isinstance(probe.prompt, str) or not probe.prompt.strip():
+            if not isinstance(probe, Probe):
+                raise InvalidInputError(f"Probe {i} is a {type(probe).__name__}; pass Probe objects (or use coerce)")
+            if not probe.is_chat and (not isinstance(probe.prompt, str) or not probe.prompt.strip()):
                 raise InvalidInputError(f"Probe {i} has an empty prompt")
             if probe.target is None and not self.generate:
+                if probe.is_chat:
+                    raise InvalidInputError(
+                        f"Probe {i}: the conversation does not end with an assistant turn, so there is no answer "
+                        "to attribute; add it as the last assistant message (or target=), or use generate=True")
                 raise InvalidInputError(f"Probe {i} has no target; give one, or use generate=True")
             named.append(probe if probe.name else replace(probe, name=f"probe_{i}"))
         names = [safe_name(p.name) for p in named]
@@ -163,14 +245,26 @@ class ProbeSet:
     def from_records(cls, records: Iterable[Mapping[str, Any]], prompt_key: str = "prompt", target_key: str = "target",
                      evidence_key: str = "evidence", name_key: str = "name", evidence_match: str = "word",
                      **kwargs) -> "ProbeSet":
-        """One probe per record; a record's ``evidence_match`` field overrides the ``evidence_match`` given here."""
+        """One probe per record; a record's ``evidence_match`` field overrides the ``evidence_match`` given here.
+
+        Records may be conversations as TRL datasets write them: ``messages`` (the last assistant
+        message is the answer), or a conversational ``prompt`` (a list of messages) with a
+        ``completion`` (text or ``[{"role": "assistant", ...}]``); ``completion`` also stands for
+        ``target`` in plain prompt/completion records."""
         probes = []
         for i, record in enumerate(records):
-            if prompt_key not in record:
-                raise InvalidInputError(f"Probe record {i} has no {prompt_key!r} field (fields: {sorted(record)})")
-            probes.append(Probe(record[prompt_key], record.get(target_key) or None,
-                                _evidence(record.get(evidence_key)), str(record.get(name_key) or ""),
-                                record.get("evidence_match") or evidence_match))
+            prompt = record.get(prompt_key)
+            if prompt is None and "messages" in record:
+                prompt = record["messages"]
+            if prompt is None:
+                raise InvalidInputError(f"Probe record {i} has no {prompt_key!r} or 'messages' field "
+                                        f"(fields: {sorted(record)})")
+            target = record.get(target_key)
+            if target is None:
+                target = record.get("completion")
+            probes.append(Probe(prompt, target or None, _evidence(record.get(evidence_key)),
+                                str(record.get(name_key) or ""), record.get("evidence_match") or evidence_match,
+                                bool(record.get("evidence_ignore_case", False))))
         return cls(probes, **kwargs)
 
     @classmethod
@@ -194,11 +288,12 @@ class ProbeSet:
 
     def to_state(self) -> dict:
         """A JSON-able description that :meth:`coerce` turns back into this probe set."""
-        return {"probes": [{"prompt": p.prompt, "target": p.target, "name": p.name,
-                            "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence],
-                            "evidence_match": p.evidence_match}
+        return {"probes": [{"prompt": [dict(m) for m in p.prompt] if p.is_chat else p.prompt, "target": p.target,
+                            "name": p.name, "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence],
+                            "evidence_match": p.evidence_match, "evidence_ignore_case": p.evidence_ignore_case}
                            for p in self.probes],
-                "generate": self.generate, "generation_args": dict(self.generation_args)}
+                "generate": self.generate, "generation_args": dict(self.generation_args),
+                "include_template_tokens": self.include_template_tokens}
 
     @classmethod
     def coerce(cls, probes: "ProbeSet | Sequence | Mapping | str | Path") -> "ProbeSet":
@@ -208,7 +303,8 @@ class ProbeSet:
             return probes
         if isinstance(probes, Mapping) and "probes" in probes:
             return cls.from_records(probes["probes"], generate=bool(probes.get("generate", False)),
-                                    generation_args=dict(probes.get("generation_args") or {"max_new_tokens": 10}))
+                                    generation_args=dict(probes.get("generation_args") or {"max_new_tokens": 10}),
+                                    include_template_tokens=bool(probes.get("include_template_tokens", False)))
         if isinstance(probes, (str, Path)):
             return cls.from_file(probes)
         items = list(probes)

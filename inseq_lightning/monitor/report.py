@@ -26,6 +26,8 @@ class ProbeResult:
         evidence_rows: the evidence tokens' rows in the attribution map.
         reference_step, previous_step: the steps compared with (None on the first pass).
         extra_values: the values of ``ProbeMonitor(extra_values=...)``, logged like the others.
+        message_mass: for a conversation, the share of attribution on each message's content
+            (``"<index>_<role>"``): which message the answer comes from.
     """
 
     probe: Probe
@@ -41,6 +43,7 @@ class ProbeResult:
     reference_step: int | None = None
     previous_step: int | None = None
     extra_values: dict[str, float] = field(default_factory=dict)  # ProbeMonitor(extra_values=...)
+    message_mass: dict[str, float] = field(default_factory=dict)  # conversations: per message label
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{name: value}`` of every finite number (names are relative: ``drift_ref/cosine``)."""
@@ -55,6 +58,7 @@ class ProbeResult:
         for name, value in self.score_change_previous.items():
             values[f"step_score_change_prev/{name}"] = value
         values["evidence_mass"] = self.evidence_mass
+        values.update({f"message_mass/{label}": v for label, v in self.message_mass.items()})
         values.update(self.extra_values)
         return {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
 

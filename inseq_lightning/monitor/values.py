@@ -61,6 +61,8 @@ def _definitions() -> dict[str, LoggedValue]:
         LoggedValue("step_score_change_ref/*", "change of that mean since the first pass"),
         LoggedValue("step_score_change_prev/*", "change of that mean since the previous pass"),
         LoggedValue("evidence_mass", "share of absolute attribution on the probe's evidence tokens", HIGHER),
+        LoggedValue("message_mass/*", "share of absolute attribution on one message's content tokens (conversations: "
+                                      "<index>_<role>), averaged over attributed tokens"),
     ]
     for drift, against in _AGAINST.items():
         for metric in (*DRIFT_METRICS, *DRIFT_COVERAGE):
@@ -99,15 +101,17 @@ def pool(name: str, values: Iterable[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
-def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str] = ()) -> list[str]:
-    """Every per-probe value a monitor with these step scores can log, in a stable order (the columns
-    of ``drift.csv`` and of the W&B table)."""
+def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str] = (),
+                messages: Iterable[str] = ()) -> list[str]:
+    """Every per-probe value a monitor with these step scores (and conversations with these message
+    labels) can log, in a stable order (the columns of ``drift.csv`` and of the W&B table)."""
     names = [f"step_score/{s}" for s in step_scores]
     for drift in _AGAINST:
         names += [f"{drift}/{m}" for m in DRIFT_METRICS]
         names += [f"{drift}/{m}" for m in DRIFT_COVERAGE if generate or m != "continuation_changed"]
     names += [f"step_score_change_{kind}/{s}" for kind in ("ref", "prev") for s in step_scores]
     names.append("evidence_mass")
+    names += [f"message_mass/{label}" for label in messages]
     names += [n for n in extra if n not in names]
     return names
 

@@ -43,7 +43,7 @@ class WandbSink(Sink):
             if report.results:  # the probe set itself, once, for reference next to the per-step table
                 entry[f"{report.prefix}/probes"] = wandb.Table(
                     columns=["probe", "prompt", "target", "evidence"],
-                    data=[[r.probe.name, r.probe.prompt, r.probe.target or "", " | ".join(map(str, r.probe.evidence))]
+                    data=[[r.probe.name, r.probe.display_prompt, r.probe.target or "", " | ".join(map(str, r.probe.evidence))]
                           for r in report.results])
         for result in report.results:
             base = f"{report.prefix}/{result.probe.name}"
