@@ -120,11 +120,12 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
 TOKENIZERS = {"byte_level": gpt2_tokenizer, "metaspace": metaspace_tokenizer, "wordpiece": wordpiece_tokenizer}
 
 
-def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0, **config) -> tuple:
-    tok = gpt2_tokenizer()
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0,
+              tokenizer: PreTrainedTokenizerFast | None = None, n_positions: int = 128, **config) -> tuple:
+    tok = tokenizer or gpt2_tokenizer()
     torch.manual_seed(seed)
     config = {"vocab_size": len(tok), **config}  # a larger vocab_size gives a realistic output layer
-    cfg = GPT2Config(n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+    cfg = GPT2Config(n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
     return GPT2LMHeadModel(cfg).eval(), tok
 

@@ -59,7 +59,8 @@ def load_smollm2(log=print) -> tuple:
 
 
 def load_tiny() -> tuple:
-    from ..tiny_models import tiny_gpt2
+    """A tiny GPT-2 with a ChatML tokenizer (a chat template, as SmolLM2-Instruct has)."""
+    from ..tiny_models import chat_tokenizer, tiny_gpt2
 
-    model, tokenizer = tiny_gpt2(n_layer=2, n_embd=64)
+    model, tokenizer = tiny_gpt2(n_layer=2, n_embd=64, tokenizer=chat_tokenizer(), n_positions=256)
     return model, tokenizer

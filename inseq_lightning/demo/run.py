@@ -19,7 +19,7 @@ import torch
 from rich.table import Table
 
 from ..viz.console import default_console
-from .task import make_dataset, make_probes
+from .task import chat_pairs, make_chat_probes, make_dataset
 
 DEFAULTS = {  # (max_steps, every_n_train_steps, batch_size, lr, n_train)
     "full": (60, 20, 8, 5e-6, 480),
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> dict:
 
     pl.seed_everything(args.seed, verbose=False)
     model, tokenizer = load_tiny() if args.quick else load_smollm2(log=console.print)
-    pairs = [(e.prompt, e.answer) for e in make_dataset(n_train, seed=args.seed)]
+    # The chat model is trained and probed in its own chat template: conversations, answer tokens only.
+    pairs = chat_pairs(make_dataset(n_train, seed=args.seed), tokenizer)
     module = PairsLM(model, tokenizer, pairs, lr=lr, batch_size=batch_size)
 
     loggers = [TensorBoardLogger(output_dir, name="tensorboard")]
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     callbacks = []
     monitor = None
     if not args.no_monitor:
-        monitor = AttributionMonitor(make_probes(args.probes), method=args.method, every_n_train_steps=every,
+        monitor = AttributionMonitor(make_chat_probes(args.probes), method=args.method, every_n_train_steps=every,
                                      step_scores=("probability", "entropy"), save_files=True)
         callbacks.append(monitor)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=loggers, callbacks=callbacks,

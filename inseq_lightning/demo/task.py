@@ -37,6 +37,29 @@ def make_dataset(n: int, seed: int = 0) -> list[Example]:
     return [make_example(rng) for _ in range(n)]
 
 
+def chat_messages(example: Example) -> list[dict]:
+    """The example as a conversation: the facts and question from the user, the answer from the assistant."""
+    question = example.prompt.removesuffix("\nAnswer:")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": example.answer.strip()}]
+
+
+def chat_pairs(examples: list[Example], tokenizer) -> list[tuple[str, str]]:
+    """Training pairs in the tokenizer's chat template: (conversation up to the answer, answer + end of turn)."""
+    pairs = []
+    for example in examples:
+        messages = chat_messages(example)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        pairs.append((prompt, full[len(prompt):]))
+    return pairs
+
+
+def make_chat_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
+    """The held-out probes of :func:`make_probes` as conversations (rendered by the model's chat template)."""
+    examples = make_dataset(n, seed)
+    return ProbeSet([Probe(chat_messages(e), evidence=(e.evidence,), name=f"probe_{i}") for i, e in enumerate(examples)])
+
+
 def make_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
     """Held-out probes (another seed than the training data), each with its evidence sentence."""
     examples = make_dataset(n, seed)
