@@ -15,21 +15,25 @@ from ..monitor.values import mean_only_names
 from ..viz.heatmap import attribution_heatmap
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid
-from ..viz.tokens import display_token
+from ..viz.tokens import readable_labels
 
 _MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|<>"
 TOP_K = 3
 
 
 def markdown_token(token: str) -> str:
-    """A token as Markdown text: visible spaces, every Markdown/HTML character escaped.
+    """A token as Markdown text: decoded (:func:`.viz.tokens.readable_labels`), visible spaces, every
+    Markdown/HTML character escaped.
 
     TensorBoard's text plugin renders Markdown and sanitises the HTML; escaping keeps a token like
     ``<script>`` or ``|`` as text and keeps the table intact.
     """
-    text = display_token(token).replace(" ", "␣") or "∅"
+    return _markdown_text(readable_labels([token])[0])
+
+
+def _markdown_text(text: str) -> str:
     out = []
-    for ch in text:
+    for ch in text.replace(" ", "␣") or "∅":
         if ch in "<>&":
             out.append(html_lib.escape(ch))
         elif ch in _MARKDOWN_SPECIAL:
@@ -39,11 +43,16 @@ def markdown_token(token: str) -> str:
     return "".join(out)
 
 
+def _grid_label(label: str, continues: bool) -> str:
+    """A grid label (already readable text) as Markdown; a continuation in italics."""
+    return f"*{_markdown_text(label)}*" if continues else _markdown_text(label)
+
+
 def markdown_table(result: ProbeResult, step: int) -> str:
     """Rows: context tokens; columns: generated tokens; the top-3 cells of each column in bold;
     then one row per step score, and a drift summary line."""
     grid = build_grid(result.aggregated)
-    header = "| token | " + " | ".join(markdown_token(c) for c in grid.column_labels) + " |"
+    header = "| token | " + " | ".join(map(_grid_label, grid.column_labels, grid.column_continues)) + " |"
     lines = [f"**{markdown_token(result.probe.name)}** at step {step}", "", header,
              "|---|" + "---:|" * len(grid.column_labels)]
     tops = []
@@ -58,7 +67,7 @@ def markdown_table(result: ProbeResult, step: int) -> str:
             else:
                 cells.append(f"**{value:.3f}**" if i in tops[j] else f"{value:.3f}")
         marker = "▸ " if i in result.evidence_rows else ""
-        lines.append(f"| {marker}{markdown_token(label)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {marker}{_grid_label(label, grid.row_continues[i])} | " + " | ".join(cells) + " |")
     for name, values in grid.step_scores.items():
         lines.append(f"| *{markdown_token(name)}* | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     summary = [f"{name} {result.drift_reference[name]:.3f}" for name in DRIFT_METRICS

@@ -9,12 +9,8 @@ from rich.text import Text
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import rgb, score_range, text_color
 from .layout import build_grid
-from .tokens import display_token
 
-
-def _clean(token: str) -> str:
-    """Show byte-level/SentencePiece space markers as spaces."""
-    return display_token(token)
+_CONTINUATION_STYLE = "dim"
 
 
 def sequence_table(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None) -> Table:
@@ -22,15 +18,16 @@ def sequence_table(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=
     lo, hi = score_range([v for row in grid.scores for v in row], min_val, max_val)
     table = Table(title=title, show_lines=False)
     table.add_column("", justify="right", style="bold")
-    for column in grid.column_labels:
-        table.add_column(Text(_clean(column)), justify="center")
-    for label, group, row in zip(grid.row_labels, grid.row_groups, grid.scores):
+    for column, continues in zip(grid.column_labels, grid.column_continues):
+        table.add_column(Text(column, style=_CONTINUATION_STYLE if continues else ""), justify="center")
+    for label, group, continues, row in zip(grid.row_labels, grid.row_groups, grid.row_continues, grid.scores):
         cells = []
         for v in row:
             r, g, b = rgb(v, lo, hi)
             style = f"{text_color((r, g, b))} on rgb({r},{g},{b})"
             cells.append(Text("" if math.isnan(v) else f"{v:.2f}", style=style))
-        table.add_row(Text(_clean(label), style="cyan" if group == "source" else "magenta"), *cells)
+        style = "cyan" if group == "source" else "magenta"
+        table.add_row(Text(label, style=f"{style} {_CONTINUATION_STYLE}" if continues else style), *cells)
     for name, values in grid.step_scores.items():
         table.add_row(Text(name, style="italic"), *[Text(f"{v:.2f}") for v in values])
     return table

@@ -18,11 +18,11 @@ from matplotlib.figure import Figure
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import score_range
 from .layout import build_grid
-from .tokens import display_token
 
 # Cell values are written into small heatmaps only: each label is a matplotlib artist, and a
 # 35 x 5 map spends most of its drawing time on them (trackers show the colours anyway).
 ANNOTATE_MAX_CELLS = 100
+_CONTINUATION_COLOR = "#aaaaaa"  # a token that continues the character before it
 
 
 def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_val=None, title: str | None = None):
@@ -40,9 +40,12 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(data), cmap="bwr" if signed else "Reds", aspect="auto",
                       vmin=-bound if signed else lo, vmax=bound if signed else hi)
-    ax.set_xticks(range(len(grid.column_labels)), [display_token(c) for c in grid.column_labels], rotation=60, ha="right",
-                  fontsize=8)
-    ax.set_yticks(range(len(grid.row_labels)), [display_token(r) for r in grid.row_labels], fontsize=8)
+    ax.set_xticks(range(len(grid.column_labels)), grid.column_labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(grid.row_labels)), grid.row_labels, fontsize=8)
+    for ticks, continues in ((ax.get_xticklabels(), grid.column_continues), (ax.get_yticklabels(), grid.row_continues)):
+        for tick, faint in zip(ticks, continues):
+            if faint:
+                tick.set_color(_CONTINUATION_COLOR)
     for (r, c), v in np.ndenumerate(data):
         if not math.isnan(v) and data.shape[0] * data.shape[1] <= ANNOTATE_MAX_CELLS:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
@@ -51,8 +54,8 @@ def attribution_figure(seq: FeatureAttributionSequenceOutput, min_val=None, max_
         ax.set_title(title, fontsize=10)
     # Margins from the label lengths (tight_layout measures every tick label and costs ~0.3 s);
     # set before the colorbar, which takes its room from the axes as they are then.
-    row_chars = max((len(display_token(r)) for r in grid.row_labels), default=1)
-    col_chars = max((len(display_token(c)) for c in grid.column_labels), default=1)
+    row_chars = max((len(r) for r in grid.row_labels), default=1)
+    col_chars = max((len(c) for c in grid.column_labels), default=1)
     fig.subplots_adjust(left=min(0.45, (0.3 + 0.07 * row_chars) / width),
                         bottom=min(0.45, (0.7 + 0.06 * col_chars) / height),
                         top=1 - 0.5 / height, right=1 - 0.8 / width)

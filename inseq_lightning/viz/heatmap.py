@@ -10,7 +10,8 @@ every probe on every pass can afford.
 Layout, top to bottom: the title; the generated tokens (columns), written upwards; the grid with
 the source and prefix tokens (rows) on its left, evidence rows marked by a green bar; one row per
 step score, each on its own scale as in the HTML view; the colour scale, lowest to highest score;
-what the green bar means. NaN cells (tokens not generated yet) are left blank. Nothing is wider
+what the green bar means. NaN cells (tokens not generated yet) are left blank; a token that continues
+the character before it is labelled "+" in grey (:func:`.tokens.readable_labels`). Nothing is wider
 than it must be: a map's cost is its pixels, mostly spent by the tracker encoding them.
 """
 
@@ -23,7 +24,6 @@ from PIL import Image, ImageDraw, ImageFont
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import rgb, score_range
 from .layout import build_grid
-from .tokens import display_token
 
 CELL_WIDTH, CELL_HEIGHT = 16, 11  # pixels between grid lines; a row fits one line of the bitmap font
 MAX_LABEL_CHARS = 18
@@ -71,6 +71,8 @@ def attribution_heatmap(seq: FeatureAttributionSequenceOutput, min_val: float | 
     score_rows = [_cells(np.array([v], dtype=float), *score_range(v, None, None)) for v in grid.step_scores.values()]
     rows = [_text(_label(t)) for t in grid.row_labels]
     columns = [np.rot90(_text(_label(t))) for t in grid.column_labels]  # read upwards
+    row_ink = [_MUTED if faint else _INK for faint in grid.row_continues]
+    column_ink = [_MUTED if faint else _INK for faint in grid.column_continues]
     names = [_text(_label(name)) for name in grid.step_scores]
     heading, low, high = _text(_drawable(title or "")), _text(f"{lo:.3g}"), _text(f"{hi:.3g}")
     legend = _text("evidence tokens" if evidence_rows else "")
@@ -101,9 +103,10 @@ def attribution_heatmap(seq: FeatureAttributionSequenceOutput, min_val: float | 
     label_right, text_dy = grid_x - _MARK_WIDTH - _GAP, (CELL_HEIGHT - line + 1) // 2
     _write(canvas, heading, _PAD, _PAD, _INK)
     for i, mask in enumerate(rows):
-        _write(canvas, mask, grid_y + i * CELL_HEIGHT + text_dy, label_right - mask.shape[1], _INK)
+        _write(canvas, mask, grid_y + i * CELL_HEIGHT + text_dy, label_right - mask.shape[1], row_ink[i])
     for j, mask in enumerate(columns):
-        _write(canvas, mask, grid_y - _GAP - mask.shape[0], grid_x + j * CELL_WIDTH + (CELL_WIDTH - line) // 2 + 1, _INK)
+        _write(canvas, mask, grid_y - _GAP - mask.shape[0], grid_x + j * CELL_WIDTH + (CELL_WIDTH - line) // 2 + 1,
+               column_ink[j])
     for i, mask in enumerate(names):
         _write(canvas, mask, scores_y + i * CELL_HEIGHT + text_dy, label_right - mask.shape[1], _MUTED)
     _write(canvas, low, scale_y, _PAD, _MUTED)
@@ -174,9 +177,9 @@ def _text_height() -> int:
     return _font().getbbox("Ag")[3]
 
 
-def _label(token: str) -> str:
-    """A token as a short label the bitmap font can draw (long ones cut)."""
-    text = _drawable(display_token(token))
+def _label(label: str) -> str:
+    """A label as one the bitmap font can draw (long ones cut)."""
+    text = _drawable(label)
     return text[: MAX_LABEL_CHARS - 2] + ".." if len(text) > MAX_LABEL_CHARS else text
 
 

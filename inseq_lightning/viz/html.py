@@ -6,23 +6,24 @@ import math
 from ..data.outputs import FeatureAttributionSequenceOutput
 from .colors import rgb, score_range, text_color
 from .layout import build_grid
-from .tokens import display_token
 
 _CELL = "padding:2px 6px;border:1px solid #ddd;text-align:center;font-family:monospace;font-size:12px"
+_CONTINUATION = ";color:#aaa;font-weight:normal"  # a token that continues the character before it
 
 
 def _token(text: str) -> str:
-    return html.escape(display_token(text), quote=True) or "&nbsp;"
+    return html.escape(text, quote=True) or "&nbsp;"
 
 
 def sequence_html(seq: FeatureAttributionSequenceOutput, min_val: float | None = None, max_val: float | None = None) -> str:
     grid = build_grid(seq)
     flat = [v for row in grid.scores for v in row]
     lo, hi = score_range(flat, min_val, max_val)
-    head = "".join(f'<th style="{_CELL};background:#f4f4f4">{_token(c)}</th>' for c in grid.column_labels)
+    head = "".join(f'<th style="{_CELL};background:#f4f4f4{_CONTINUATION if continues else ""}">{_token(c)}</th>'
+                   for c, continues in zip(grid.column_labels, grid.column_continues))
     lines = [f'<table style="border-collapse:collapse;margin:8px 0"><thead><tr><th style="{_CELL}"></th>{head}</tr></thead><tbody>']
     previous_group = None
-    for label, group, row in zip(grid.row_labels, grid.row_groups, grid.scores):
+    for label, group, continues, row in zip(grid.row_labels, grid.row_groups, grid.row_continues, grid.scores):
         if group != previous_group:
             title = "Source" if group == "source" else "Target prefix"
             lines.append(f'<tr><td colspan="{len(grid.column_labels) + 1}" style="{_CELL};text-align:left;'
@@ -33,7 +34,9 @@ def sequence_html(seq: FeatureAttributionSequenceOutput, min_val: float | None =
             bg = rgb(v, lo, hi)
             text = "" if math.isnan(v) else f"{v:.3f}"
             cells.append(f'<td style="{_CELL};background:rgb{bg};color:{text_color(bg)}">{text}</td>')
-        lines.append(f'<tr><th style="{_CELL};text-align:right;background:#f4f4f4">{_token(label)}</th>{"".join(cells)}</tr>')
+        faint = _CONTINUATION if continues else ""
+        lines.append(f'<tr><th style="{_CELL};text-align:right;background:#f4f4f4{faint}">{_token(label)}</th>'
+                     f'{"".join(cells)}</tr>')
     for name, values in grid.step_scores.items():
         s_lo, s_hi = score_range(values, None, None)
         cells = []
