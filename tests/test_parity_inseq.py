@@ -25,10 +25,31 @@ def assert_close(ours, ref, what):
     assert diff < 1e-5, f"{what}: max abs diff {diff}"
 
 
+def inseq_reference(model):
+    """A copy of ``model`` for inseq: eager attention (inseq only switches models it loads by name), and
+    inseq's double scaling of Marian/Pegasus decoder embeddings undone. Those decoders multiply the
+    ``decoder_inputs_embeds`` they are given by ``embed_scale`` and inseq multiplies them too (step
+    scores 9-15% off the model's own forward, see tests/test_embedding_scale.py); the reference
+    decoder divides what it is given by that factor first, so it is applied once, as in the model's
+    own forward."""
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    decoder = ref_model.get_decoder() if model.config.is_encoder_decoder else None
+    if type(decoder).__name__ in ("MarianDecoder", "PegasusDecoder"):
+        forward = decoder.forward
+
+        def given_embeddings_scaled_once(*args, inputs_embeds=None, **kwargs):
+            if inputs_embeds is not None:
+                inputs_embeds = inputs_embeds / decoder.embed_scale
+            return forward(*args, inputs_embeds=inputs_embeds, **kwargs)
+
+        decoder.forward = given_embeddings_scaled_once
+    return ref_model
+
+
 def run_both(hf_pair, texts, method, **kwargs):
     model, tok = hf_pair
-    ref_model = copy.deepcopy(model)
-    ref_model.set_attn_implementation("eager")  # inseq only switches models it loads by name
+    ref_model = inseq_reference(model)
     step_scores = [] if method == "attention" else STEP_SCORES  # inseq refuses step scores there
     ref = inseq.load_model(ref_model, method, tokenizer=copy.deepcopy(tok)).attribute(
         *texts, step_scores=step_scores, show_progress=False, **kwargs)
@@ -55,8 +76,7 @@ def test_attention_with_step_scores_equals_inseq_attention_plus_its_dummy_pass(h
     """inseq refuses step scores with attention and points to a second call with method='dummy';
     here one forward gives both, and both must equal what those two inseq calls give."""
     model, tok = hf_pair
-    ref_model = copy.deepcopy(model)
-    ref_model.set_attn_implementation("eager")
+    ref_model = inseq_reference(model)
     ref = inseq.load_model(ref_model, "attention", tokenizer=copy.deepcopy(tok))
     with pytest.raises(ValueError, match="dummy"):
         ref.attribute(*texts, step_scores=STEP_SCORES, show_progress=False)
@@ -125,7 +145,7 @@ def test_gradient_shap_agrees_with_inseq_in_expectation(hf_models):
     model, tok = copy.deepcopy(hf_models["gpt2"])
     texts = ("Hello world", "Hello world, this is")
     torch.manual_seed(0)
-    ref = inseq.load_model(copy.deepcopy(model), "gradient_shap", tokenizer=copy.deepcopy(tok)).attribute(
+    ref = inseq.load_model(inseq_reference(model), "gradient_shap", tokenizer=copy.deepcopy(tok)).attribute(
         *texts, n_samples=300, show_progress=False)[0].aggregate().target_attributions
     ours = il.load_model(model, "gradient_shap", tokenizer=tok).attribute(
         *texts, n_samples=300, seed=1, show_progress=False)[0].aggregate().target_attributions

@@ -185,7 +185,7 @@ class EngineContext:
             return self.model.model(
                 inputs_embeds=source,
                 attention_mask=b.source_mask.repeat(repeat, 1),
-                decoder_inputs_embeds=target,
+                decoder_inputs_embeds=self.model.decoder_input(target),
                 decoder_attention_mask=b.target_mask.repeat(repeat, 1),
                 **kwargs,
             )
@@ -206,7 +206,7 @@ class EngineContext:
                     return self.model.model(
                         input_ids=b.source_ids.repeat(repeat, 1),
                         attention_mask=b.source_mask.repeat(repeat, 1),
-                        decoder_inputs_embeds=decoder_embeds.repeat(repeat, 1, 1),
+                        decoder_inputs_embeds=self.model.decoder_input(decoder_embeds.repeat(repeat, 1, 1)),
                         decoder_attention_mask=b.target_mask.repeat(repeat, 1),
                         **kwargs,
                     )

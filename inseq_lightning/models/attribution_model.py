@@ -3,6 +3,7 @@
 import functools
 import inspect
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ class AttributionModel:
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.special_ids = SpecialIds.resolve(model, tokenizer)
         self.embed_scale = self._embed_scale()
+        self._decoder_embed: tuple[torch.nn.Module, float, float] | None = None
         self._default_memory_budget: int | None = None
         forward_parameters = inspect.signature(model.forward).parameters
         # One pass over the whole sequence needs no key/value cache (time and memory for nothing).
@@ -56,12 +58,24 @@ class AttributionModel:
     def _embed_scale(self) -> float:
         """inseq's scale: the encoder's (or model's) ``embed_scale`` attribute when there is one."""
         holder = self.model.get_encoder() if self.is_encoder_decoder else self.model
-        scale = getattr(holder, "embed_scale", None)
-        if self.is_encoder_decoder:
-            dec_scale = getattr(self.model.get_decoder(), "embed_scale", None)
-            if scale is not None and dec_scale is not None and float(dec_scale) != float(scale):
-                raise ValueError("Different encoder and decoder embedding scales are not supported")
-        return float(scale) if scale is not None else 1.0
+        return _scale_to_apply(holder)
+
+    def _decoder_embedding(self) -> tuple[torch.nn.Module, float, float]:
+        """The decoder's own embedding table, the scale of the embeddings attributed on the target side
+        (inseq's: the decoder's ``embed_scale``, as on the source side), and the factor that turns them
+        into what the decoder expects as ``decoder_inputs_embeds``.
+
+        Marian's and Pegasus's decoders multiply the ``decoder_inputs_embeds`` they are given by
+        ``embed_scale`` themselves (their encoders only scale ids they embed): fed the scaled
+        embeddings as they are, the decoder saw them scaled twice, 9-15% off the model's own step
+        scores (inseq 0.7.1 does that). The factor undoes the decoder's own scaling."""
+        decoder = self.model.get_decoder()
+        table = getattr(decoder, "embed_tokens", None)
+        table = table if isinstance(table, torch.nn.Module) else self.model.get_input_embeddings()
+        own = getattr(decoder, "embed_scale", None)
+        scale = float(own) if own is not None else self.embed_scale
+        given = 1.0 / scale if own is not None and _scales_given_embeddings(type(decoder)) else 1.0
+        return table, scale, given
 
     @property
     def device(self) -> torch.device:
@@ -83,8 +97,24 @@ class AttributionModel:
         return self._default_memory_budget
 
     def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
-        """``[B, L]`` ids -> ``[B, L, D]`` input embeddings (times ``embed_scale``)."""
+        """``[B, L]`` ids -> ``[B, L, D]`` attributed input embeddings (times ``embed_scale``, inseq's
+        convention; ``as_targets``: the decoder side, from the decoder's own table). Give the decoder
+        side to the model through :meth:`decoder_input`."""
+        if as_targets and self.is_encoder_decoder:
+            table, scale, _ = self._decoder_side()
+            return table(ids) * scale
         return self.model.get_input_embeddings()(ids) * self.embed_scale
+
+    def decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Target-side embeddings from :meth:`embed` as the decoder expects its ``decoder_inputs_embeds``
+        (unchanged unless the decoder applies its ``embed_scale`` to them itself)."""
+        factor = self._decoder_side()[2]
+        return embeddings if factor == 1.0 else embeddings * factor
+
+    def _decoder_side(self) -> tuple[torch.nn.Module, float, float]:
+        if self._decoder_embed is None:
+            self._decoder_embed = self._decoder_embedding()
+        return self._decoder_embed
 
     # ---- generation ---------------------------------------------------------------------------
     def generate_ids(self, input_texts: list[str], skip_special_tokens: bool = False,
@@ -363,6 +393,24 @@ class AttributionModel:
             ))
         steps = _step_outputs(sequences, batch) if with_steps else None
         return FeatureAttributionOutput(sequences, steps, {})
+
+
+_SCALES_GIVEN_EMBEDDINGS = re.compile(r"^\s*inputs_embeds\s*(=\s*inputs_embeds\s*\*|\*=)\s*self\.embed_scale", re.MULTILINE)
+
+
+@functools.cache
+def _scales_given_embeddings(module_type: type) -> bool:
+    """Whether ``module_type.forward`` multiplies the ``inputs_embeds`` it is given by ``embed_scale``."""
+    try:
+        return bool(_SCALES_GIVEN_EMBEDDINGS.search(inspect.getsource(module_type.forward)))
+    except (OSError, TypeError):
+        return False
+
+
+def _scale_to_apply(module: torch.nn.Module) -> float:
+    """inseq's embedding scale of ``module``'s side: its ``embed_scale`` attribute when there is one."""
+    scale = getattr(module, "embed_scale", None)
+    return float(scale) if scale is not None else 1.0
 
 
 def _chunk(value, indices: range):
