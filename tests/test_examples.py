@@ -48,6 +48,7 @@ def probe_rows(stdout: str) -> list[tuple[int, float]]:
 @pytest.mark.parametrize("name,run_glob,expected_steps", [
     ("lightning_monitor.py", "outputs/example-monitor", [0, 5, 10, 15, 20]),
     ("hf_trainer_callback.py", "outputs/example-hf/runs", [0, 5, 10, 15, 20]),
+    ("trl_sft_chat.py", "outputs/example-trl/runs", [0, 4, 8]),
 ])
 def test_monitoring_examples_attribute_the_probes_and_log_to_tensorboard(tmp_path, name, run_glob, expected_steps):
     stdout = run_example(name, tmp_path)
