@@ -125,6 +125,9 @@ def test_lightning_fit_with_chat_probes_logs_the_answer_tokens_only(chat_model, 
     expected = tok.convert_ids_to_tokens(_answer_token_ids(tok, CONVERSATION[:2], "a blue boat."))
     assert len(columns) == len(expected) and "im" not in " ".join(columns)
     assert [e.step for e in events.Scalars("attribution/saliency/leo/message_mass/1_user")] == [0, 2]
+    share = monitor.reports[-1].results[0].message_mass["1_user"]
+    assert f"Attribution per message: 0\\_system {monitor.reports[-1].results[0].message_mass['0_system']:.3f}, " \
+           f"1\\_user {share:.3f}" in table
 
 
 def test_plain_text_probes_are_unchanged(hf_models):

@@ -79,6 +79,9 @@ def markdown_table(result: ProbeResult, step: int) -> str:
         lines += ["", f"Drift against step {result.reference_step}{coverage}: " + ", ".join(summary)]
     if not math.isnan(result.evidence_mass):
         lines += ["", f"Evidence mass: {result.evidence_mass:.3f}"]
+    if result.message_mass:  # a conversation: which message the answer comes from
+        shares = ", ".join(f"{markdown_token(label)} {value:.3f}" for label, value in result.message_mass.items())
+        lines += ["", f"Attribution per message: {shares}"]
     legend = f"Bold: the top {TOP_K} tokens of each column."
     if result.evidence_rows:
         legend += " ▸: the probe's evidence tokens."
