@@ -4,8 +4,10 @@ A step function receives a :class:`StepFunctionArgs` whose ``forward_output.logi
 ``[M, 1, vocab]`` (the logits that predict each target token) and ``target_ids`` of shape ``[M]``,
 plus its own keyword arguments, and returns a ``[M]`` tensor. The engine calls it once for all
 steps of all sequences together (M = sequences x steps), so it never re-runs the model per token.
-Functions written for inseq (which read ``args.attribution_model.output2logits(args.forward_output)``)
-work unchanged.
+Functions written for inseq that read ``args.attribution_model.output2logits(args.forward_output)`` and
+``args.target_ids`` work unchanged (inseq's own ``logit``/``probability``/``entropy``/``crossentropy``/
+``perplexity`` functions are tested registered here); inseq's contrastive functions, which build
+contrast inputs through inseq's own formatter, do not yet.
 """
 
 import functools

@@ -96,6 +96,12 @@ class AttributionModel:
             self._default_memory_budget = default_memory_budget(self.model)
         return self._default_memory_budget
 
+    @staticmethod
+    def output2logits(forward_output) -> torch.Tensor:
+        """``[M, vocab]`` logits of the last position of each row: what step functions written for
+        inseq read (``args.attribution_model.output2logits(args.forward_output)``)."""
+        return forward_output.logits[:, -1, :]
+
     def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
         """``[B, L]`` ids -> ``[B, L, D]`` attributed input embeddings (times ``embed_scale``, inseq's
         convention; ``as_targets``: the decoder side, from the decoder's own table). Give the decoder
