@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..monitor import AttributionMonitorWarning
 from ..monitor.probes import ProbeSet
 from ..sinks import Sink
 from .common import MonitorCallbackBase, unwrap_for_attribution
@@ -24,6 +25,10 @@ STRATEGIES = ("steps", "epoch", "eval", "no")
 # The live objects (tokenizer, writer, extra sinks) of the callbacks attached to each trainer, by
 # monitor prefix. Keyed weakly: an entry goes with its trainer, and nothing here refers to one.
 _LIVE_OBJECTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
+class EvaluationCadenceWarning(AttributionMonitorWarning):
+    """``attribution_strategy="eval"`` on a trainer that never evaluates: no pass during training."""
 
 
 def _evaluation_prefixes(logs: dict) -> list[str]:
@@ -41,8 +46,9 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             ``(prompt, target[, evidence])`` tuples, dicts or ``Probe`` objects.
         method, step_scores, method_kwargs, batch_size, strict, prefix: as for
             :class:`~inseq_lightning.monitor.ProbeMonitor`.
-        attribution_strategy: ``"eval"`` (default: right after each evaluation), ``"steps"`` (every
-            ``attribution_steps`` optimizer steps), ``"epoch"`` or ``"no"``.
+        attribution_strategy: ``"eval"`` (default: right after each evaluation; warns with
+            :class:`EvaluationCadenceWarning` when the trainer's ``eval_strategy`` is ``"no"``), ``"steps"``
+            (every ``attribution_steps`` optimizer steps), ``"epoch"`` or ``"no"``.
         attribution_steps: the cadence of ``"steps"``.
         attribute_on_train_begin: attribute once before the first step: the drift reference.
         trainer: the ``Trainer``. Needed to share the TensorBoard writer of its ``TensorBoardCallback``
@@ -63,6 +69,10 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
     prefix convention): ``metric_for_best_model="attribution/saliency/mean/evidence_mass"`` (with
     ``greater_is_better`` from ``LOGGED_VALUES``) and ``EarlyStoppingCallback`` act on them, in any
     callback order. ``trainer.evaluate()`` returns them too.
+
+    With ``bf16``/``fp16`` training, passes bypass accelerate's autocast wrapper of ``forward`` (see
+    :func:`~inseq_lightning.monitor.guards.original_forwards`): the values are those of the same
+    weights attributed offline, and training keeps its mixed precision.
 
     Resume with ``TrainingArguments(restore_callback_states_from_checkpoint=True)``: the trainer
     rebuilds the callback from :meth:`state` (JSON), which keeps the drift history; live objects
@@ -221,8 +231,21 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         self._attribute(self._model(kwargs), self._tokenizer_from(kwargs), state.global_step, epoch, stage,
                         sharded_root=root)
 
+    def _warn_if_never_evaluated(self, args) -> None:
+        eval_strategy = getattr(args, "eval_strategy", None)
+        if self.attribution_strategy != "eval" or getattr(eval_strategy, "value", eval_strategy) != "no":
+            return
+        runs = "only the reference pass before the first step runs" if self.attribute_on_train_begin else \
+            "no pass runs"
+        warnings.warn(
+            f"AttributionCallback(attribution_strategy='eval') attributes after each evaluation, but the Trainer "
+            f"has eval_strategy='no' and never evaluates, so {runs}. Set eval_strategy='steps' or 'epoch' (with an "
+            "eval_dataset), or attribute on a cadence of your own: attribution_strategy='steps' (with "
+            "attribution_steps=N) or 'epoch'.", EvaluationCadenceWarning, stacklevel=2)
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._adopt_live_objects()
+        self._warn_if_never_evaluated(args)
         self.monitor.check_probes(self._model(kwargs), self._tokenizer_from(kwargs))  # before the first step
         self._in_training = True
         # Directories and sinks are resolved on every rank; only the world's process zero writes.
