@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_chat_probes import _answer_token_ids  # expected answer tokens, from the rendered text's offsets
 from transformers import Trainer, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -33,16 +34,6 @@ CHAT_PROBES = [Probe([{"role": "system", "content": "Answer from the facts."}, {
                       {"role": "assistant", "content": e.answer.strip()}], evidence=(e.evidence,), name=f"chat_{i}")
                for i, e in enumerate(HELD_OUT)]
 STEP_SCORES = ("probability", "entropy")
-
-
-def _answer_token_ids(tok, messages, answer: str) -> list[int]:
-    """The ids of the tokens holding the answer's characters in the template's rendering (independent of the library)."""
-    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
-    prompt = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    start, end = len(prompt), len(prompt) + len(answer)
-    assert full[start:end] == answer
-    encoding = tok(full, return_offsets_mapping=True)
-    return [i for i, (s, e) in zip(encoding["input_ids"], encoding["offset_mapping"]) if s < end and e > start]
 
 
 def _tiny_chat_llama():

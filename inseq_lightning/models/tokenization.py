@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import InvalidInputError, TokenBoundaryWarning, TokenizerError
+from ..utils.sequences import common_prefix_length
 from .batch import Batch, pad_right
 
 
@@ -55,15 +56,6 @@ def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos
     return ids
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prompt_boundary(tokenizer, prompt: str, full_text: str, prompt_ids: list[int], full_ids: list[int],
                     add_special_tokens: bool, name: str) -> int:
     """The index of the first token of ``full_ids`` (the tokenized ``full_text``) that holds a
@@ -87,7 +79,7 @@ def prompt_boundary(tokenizer, prompt: str, full_text: str, prompt_ids: list[int
             start = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(full_ids))
             straddles = offsets[start][0] < cut if start < len(full_ids) else False
     if start is None:  # no offsets: the tokens both encodings share are the prompt's
-        start = _common_prefix(prompt_ids, full_ids)
+        start = common_prefix_length(prompt_ids, full_ids)
         straddles = True
     if start == 0:
         raise InvalidInputError(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.outputs import FeatureAttributionSequenceOutput
+from ..utils.sequences import common_prefix_length
 
 DRIFT_METRICS = ("cosine", "js_divergence", "top1_agreement", "top3_agreement", "spearman")
 # What a drift comparison covered: attributed tokens (columns) compared, compared tokens where some
@@ -68,8 +69,8 @@ class AttributionMap:
         """
         if self.n_source != other.n_source or self.row_ids[: self.n_source] != other.row_ids[: other.n_source]:
             return 0, 0
-        rows = _common_prefix(self.row_ids, other.row_ids)
-        columns = _common_prefix(self.column_ids, other.column_ids)
+        rows = common_prefix_length(self.row_ids, other.row_ids)
+        columns = common_prefix_length(self.column_ids, other.column_ids)
         for j in range(columns):
             if _last_valid_row(self.scores[:, j]) >= rows or _last_valid_row(other.scores[:, j]) >= rows:
                 return rows, j
@@ -84,15 +85,6 @@ class AttributionMap:
         scores = np.array([[np.nan if v is None else v for v in row] for row in state["scores"]], dtype=float)
         return cls(scores.reshape(len(state["row_ids"]), len(state["column_ids"])), tuple(state["row_ids"]),
                    tuple(state["column_ids"]), int(state["n_source"]))
-
-
-def _common_prefix(a: tuple, b: tuple) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _last_valid_row(column: np.ndarray) -> int:
