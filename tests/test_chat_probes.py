@@ -134,3 +134,36 @@ def test_plain_text_probes_are_unchanged(hf_models):
     model, tok = hf_models["gpt2"]
     result = ProbeMonitor([Probe("the cat sat", " on the mat")]).run(model, tok, 0).results[0]
     assert result.message_mass == {} and tok.decode([t.id for t in result.output[0].generated]) == " on the mat"
+
+
+THINKING_TEMPLATE = (  # a Qwen3-like template: the last assistant turn gets an empty reasoning block first
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_text_a_template_writes_before_the_answer_is_context_not_steps(chat_model):
+    model, tok = chat_model
+    tok = copy.deepcopy(tok)
+    tok.chat_template = THINKING_TEMPLATE
+    result = ProbeMonitor([Probe(CONVERSATION)]).run(model, tok, 0).results[0]
+    full = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    start = full.rindex("a blue boat.")  # the answer, not the same words in the facts
+    encoding = tok(full, return_offsets_mapping=True)
+    expected = [i for i, (s, e) in zip(encoding["input_ids"], encoding["offset_mapping"])
+                if s < start + len("a blue boat.") and e > start]
+    assert [t.id for t in result.output[0].generated] == expected
+    assert "think" not in tok.decode(expected)
+
+
+def test_a_run_with_chat_probes_resumes_its_drift_history(chat_model):
+    model, tok = chat_model
+    first = ProbeMonitor([Probe(CONVERSATION, name="leo")])
+    first.run(model, tok, 0)
+    resumed = ProbeMonitor([Probe(CONVERSATION, name="leo")])
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint stores it
+    result = resumed.run(model, tok, 5).results[0]
+    assert result.reference_step == 0 and result.drift_reference["cosine"] == pytest.approx(1.0)
+    assert result.drift_reference["tokens_compared"] == len(result.aggregated.generated)

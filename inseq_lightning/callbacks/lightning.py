@@ -169,8 +169,12 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
                         sharded_root=trainer.strategy.model)
         # The means go where EarlyStopping and ModelCheckpoint look, on every rank (the monitor
         # shares them from rank zero), without a second copy in the loggers.
+        head = f"{self.monitor.prefix}/mean/"
+        for key in [k for k in trainer.callback_metrics if k.startswith(head)]:
+            if key[len(head):] not in self.monitor.last_means:  # a value this pass lacks is not kept stale
+                del trainer.callback_metrics[key]
         for name, value in self.monitor.last_means.items():
-            trainer.callback_metrics[f"{self.monitor.prefix}/mean/{name}"] = torch.tensor(value)
+            trainer.callback_metrics[f"{head}{name}"] = torch.tensor(value)
 
     def _epoch_due(self, trainer: Trainer) -> bool:
         return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0

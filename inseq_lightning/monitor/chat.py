@@ -20,7 +20,8 @@ class RenderedChat:
     """A chat probe as one tokenizer's template writes it.
 
     Attributes:
-        prompt_text: the conversation before the answer, generation prompt included.
+        prompt_text: the conversation before the answer, generation prompt included (with an answer:
+            exactly the text before it in ``full_text``).
         full_text: the whole conversation (``prompt_text`` followed by the answer and the
             template's closing tokens); equal to ``prompt_text`` when there is no answer yet.
         answer_span: ``(start, end)`` characters of the assistant's content in ``full_text``, or None.
@@ -94,6 +95,6 @@ def render_chat(tokenizer, messages: Sequence[Mapping], answer: str | None) -> R
             "as the template writes it."
         )
     length = len(answer) if full_text.startswith(answer, start) else len(answer.strip())
-    if not full_text.startswith(prompt_text):
-        prompt_text = full_text[:start]
-    return RenderedChat(prompt_text, full_text, (start, start + length), tuple(spans))
+    # The context is everything before the answer in the whole text: what a template writes between
+    # the generation prompt and the answer (an empty "<think></think>" block) is context, never a step.
+    return RenderedChat(full_text[:start], full_text, (start, start + length), tuple(spans))

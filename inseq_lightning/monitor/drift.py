@@ -48,10 +48,11 @@ class AttributionMap:
             n_source = len(seq.source)
             if seq.target_attributions is not None:
                 blocks.append(seq.target_attributions.detach().float().cpu().numpy())
-                rows += [t.id for t in seq.target]
+                rows += [t.id for t in seq.target[: blocks[-1].shape[0]]]
         else:  # decoder-only: the prompt tokens are the first target rows
             blocks.append(seq.target_attributions.detach().float().cpu().numpy())
-            rows += [t.id for t in seq.target]
+            # Tokens after the last attributed step (a chat template's closing tokens) have no row.
+            rows += [t.id for t in seq.target[: blocks[-1].shape[0]]]
             n_source = len(seq.source)
         scores = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
         return cls(scores, tuple(rows), tuple(t.id for t in seq.generated), n_source)

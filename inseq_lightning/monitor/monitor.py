@@ -237,8 +237,7 @@ class ProbeMonitor:
         if has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
             outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
             if rank != 0:
-                self.history.last_step[stage] = step  # every rank agrees on what was logged
-                self.last_means = broadcast_from_zero(None)
+                self._follow_rank_zero(step, stage)
                 return None
         else:
             share = [self.probes[i] for i in my_share(len(self.probes), rank, world)]
@@ -251,16 +250,29 @@ class ProbeMonitor:
             if errors:
                 raise MonitoringError(errors[0])
             if rank != 0:
-                self.history.last_step[stage] = step
-                self.last_means = broadcast_from_zero(None)
+                self._follow_rank_zero(step, stage)
                 return None
             outputs = {name: out for part, _, _ in gathered for name, out in part.items()}
             skipped = {name: why for _, part, _ in gathered for name, why in part.items()}
-        report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started, tokenizer)
-        self.publish(report, sinks)
-        # Every rank gets the means: a framework's early stopping decides on each rank.
-        self.last_means = broadcast_from_zero(report.means())
+        failure = None
+        try:
+            report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started,
+                                       tokenizer)
+            self.publish(report, sinks)
+        except MonitoringError as strict_error:  # strict mode: the other ranks must hear of it, not wait
+            failure = strict_error
+        # Every rank gets the means (a framework's early stopping decides on each rank) and the error.
+        self.last_means, _ = broadcast_from_zero(({} if failure else report.means(), str(failure or "")))
+        if failure is not None:
+            raise failure
         return report
+
+    def _follow_rank_zero(self, step: int, stage: str) -> None:
+        """A non-zero rank after the attribution: record the step, take rank zero's means (or its error)."""
+        self.history.last_step[stage] = step  # every rank agrees on what was logged
+        self.last_means, error = broadcast_from_zero(None)
+        if error:
+            raise MonitoringError(error)
 
     def build_report(self, outputs: dict[str, FeatureAttributionOutput], skipped: dict[str, str], step: int,
                      epoch: int | None, stage: str, seconds: float, tokenizer: PreTrainedTokenizerBase) -> MonitorReport:
