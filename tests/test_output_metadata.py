@@ -55,3 +55,23 @@ def test_step_attributions_are_saved_and_loaded(tmp_path):
             assert step.target[0].id == seq.generated[k].id
             assert torch.allclose(step.target_attributions[0], seq.target_attributions[:, k], equal_nan=True)
             assert step.step_scores["probability"][0] == seq.step_scores["probability"][k]
+
+
+def test_step_attributions_of_several_batches_stay_one_row_per_sequence(tmp_path):
+    model, tok = tiny_gpt2()
+    texts = (["the cat sat", "Hello world", "Paris is"], ["the cat sat on the mat", "Hello world, this", "Paris is the capital"])
+    attr_model = il.load_model(model, "saliency", tokenizer=tok)
+    whole = attr_model.attribute(*texts, output_step_attributions=True, step_scores=["probability"], show_progress=False)
+    batched = attr_model.attribute(*texts, output_step_attributions=True, step_scores=["probability"],
+                                   show_progress=False, batch_size=1)
+    assert len(batched.step_attributions) == len(whole.step_attributions)
+    for a, b in zip(batched.step_attributions, whole.step_attributions):
+        assert [t.id for t in a.target] == [t.id for t in b.target]
+        assert torch.allclose(a.step_scores["probability"], b.step_scores["probability"], atol=1e-6)
+        rows = min(a.target_attributions.shape[1], b.target_attributions.shape[1])
+        assert torch.allclose(a.target_attributions[:, :rows], b.target_attributions[:, :rows], equal_nan=True,
+                              atol=1e-6)
+    batched.save(tmp_path / "seq.json", split_sequences=True)
+    for i, seq in enumerate(batched.sequence_attributions):
+        loaded = FeatureAttributionOutput.load(tmp_path / f"seq_{i}.json")
+        assert [s.target[0].id for s in loaded.step_attributions] == [t.id for t in seq.generated]

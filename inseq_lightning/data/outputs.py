@@ -326,16 +326,41 @@ def output_for_sequence(output: FeatureAttributionOutput, index: int) -> Feature
     return FeatureAttributionOutput([output.sequence_attributions[index]], steps, info)
 
 
+def _cat_rows(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """``[b_i, L_i, ...]`` tensors stacked along the batch, token dimension NaN-padded to the longest."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    length = max(t.shape[1] for t in present)
+    padded = [torch.nn.functional.pad(t.float(), [0, 0] * (t.ndim - 2) + [0, length - t.shape[1]], value=float("nan"))
+              for t in present]
+    return torch.cat(padded, 0)
+
+
+def _merge_steps(step_lists: list[list[FeatureAttributionStepOutput]]) -> list[FeatureAttributionStepOutput]:
+    """Step k of the merged output holds step k of every part that has it, rows in part order (what
+    :func:`output_for_sequence` expects), so step outputs of several batches stay one row per sequence."""
+    merged = []
+    for k in range(max((len(steps) for steps in step_lists), default=0)):
+        parts = [steps[k] for steps in step_lists if k < len(steps)]
+        merged.append(FeatureAttributionStepOutput(
+            _cat_rows([p.source_attributions for p in parts]),
+            _cat_rows([p.target_attributions for p in parts]),
+            {name: torch.cat([p.step_scores[name] for p in parts]) for name in parts[0].step_scores},
+            [token for p in parts for token in p.target],
+        ))
+    return merged
+
+
 def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAttributionOutput:
     """Concatenate the sequences of several outputs; ``info`` values that differ become lists."""
     if not outputs:
         raise ValueError("merge_attributions needs at least one output")
     sequences, info = [], {}
-    steps = [] if all(o.step_attributions is not None for o in outputs) else None
+    steps = _merge_steps([o.step_attributions for o in outputs]) \
+        if all(o.step_attributions is not None for o in outputs) else None
     for out in outputs:
         sequences.extend(copy.copy(s) for s in out.sequence_attributions)
-        if steps is not None:
-            steps.extend(out.step_attributions)
     for key in outputs[0].info:
         values = [o.info.get(key) for o in outputs]
         if key in ("input_texts", "generated_texts") or (key in _PER_SEQUENCE_INFO and all(isinstance(v, list)
