@@ -195,3 +195,11 @@ def test_one_model_state_snapshot_per_pass(hf_models, monkeypatch):
     monitor.run(model, tok, 0)
     # two batches, generation and Monte Carlo dropout inside: still one snapshot for the whole pass
     assert len(snapshots) == 1
+
+
+def test_two_hf_callbacks_with_one_prefix_on_one_trainer_are_refused(hf_models, tmp_path):
+    trainer = _hf_trainer(hf_models, tmp_path / "out")
+    AttributionCallback.attach(trainer, make_probes(1))
+    with pytest.raises(ValueError, match="prefix"):
+        AttributionCallback.attach(trainer, make_probes(1))
+    AttributionCallback.attach(trainer, make_probes(1), method="input_x_gradient")  # its own prefix: fine

@@ -122,6 +122,11 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tokenizer, self._tb_writer, self.extra_sinks = tokenizer, tb_writer, list(sinks)
         if trainer is not None:
+            attached = [cb for cb in trainer.callback_handler.callbacks
+                        if isinstance(cb, AttributionCallback) and cb.monitor.prefix == self.monitor.prefix]
+            if attached:  # their tags, pages and states would land on one another
+                raise ValueError(f"This trainer already has an AttributionCallback with prefix "
+                                 f"{self.monitor.prefix!r}; give each monitor its own prefix= (e.g. one per method)")
             _LIVE_OBJECTS.setdefault(trainer, {})[self.monitor.prefix] = {
                 "tokenizer": tokenizer, "tb_writer": tb_writer, "sinks": list(sinks), "extra_values": extra_values}
         self.checkpoints: dict[str, str] = {}  # logged step -> the checkpoint that stores those weights
