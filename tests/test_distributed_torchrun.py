@@ -87,3 +87,5 @@ def test_strict_failure_on_one_rank_raises_on_every_rank(tmp_path):
     for rank in (0, 1):
         seen = (tmp_path / f"rank_{rank}.txt").read_text()
         assert seen.startswith("MonitoringError") and "too_long" in seen, (rank, seen)
+        seen = (tmp_path / f"sink_rank_{rank}.txt").read_text()
+        assert seen.startswith("MonitoringError") and "tracker unreachable" in seen, (rank, seen)

@@ -1,6 +1,7 @@
-"""Run under ``torchrun --nproc_per_node 2``: with ``strict=True``, a probe that fails on rank 1 only
-must raise ``MonitoringError`` on *both* ranks (rank 0 must not wait forever in the gather).
-Each rank writes ``<out>/rank_<r>.txt`` with what it saw."""
+"""Run under ``torchrun --nproc_per_node 2``: with ``strict=True``, a probe that fails on rank 1 only,
+and then a sink that fails on rank 0 only (after the gather), must each raise ``MonitoringError`` on
+*both* ranks (no rank may wait forever for the other). Each rank writes ``<out>/rank_<r>.txt`` (the
+probe failure) and ``<out>/sink_rank_<r>.txt`` (the sink failure) with what it saw."""
 
 import datetime
 import sys
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 from inseq_lightning.demo.task import make_probes
 from inseq_lightning.monitor import MonitoringError, Probe, ProbeMonitor
+from inseq_lightning.sinks import Sink
 from inseq_lightning.tiny_models import tiny_gpt2
 
 out = Path(sys.argv[1])
@@ -25,5 +27,18 @@ try:
 except MonitoringError as error:
     seen = f"MonitoringError: {error}"
 (out / f"rank_{dist.get_rank()}.txt").write_text(seen)
+
+
+class BrokenSink(Sink):
+    def log_report(self, report):
+        raise OSError("tracker unreachable")
+
+
+try:  # sinks only run on rank zero, after the other ranks have handed over their share
+    ProbeMonitor(make_probes(2), strict=True).run(model, tok, 1, sinks=[BrokenSink()])
+    seen = "no error"
+except MonitoringError as error:
+    seen = f"MonitoringError: {error}"
+(out / f"sink_rank_{dist.get_rank()}.txt").write_text(seen)
 dist.barrier()
 dist.destroy_process_group()
