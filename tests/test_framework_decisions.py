@@ -98,3 +98,17 @@ def test_every_logged_value_has_a_direction_or_none_and_a_pooling():
     assert definition("drift_ref/js_divergence").better == "lower"
     assert definition("drift_prev/tokens_compared").pooling == "sum"
     assert all(v.better in ("higher", "lower", None) and v.pooling in ("mean", "sum") for v in LOGGED_VALUES.values())
+
+
+def test_a_value_missing_from_a_pass_leaves_callback_metrics(hf_models, tmp_path):
+    """A mean the latest pass could not compute must not linger for EarlyStopping to act on."""
+    model, tok = hf_models["gpt2"]
+    values = iter([1.0, float("nan"), float("nan")])  # defined at the reference pass only
+    monitor = AttributionMonitor(make_probes(1), every_n_train_steps=2, extra_values={"flaky": lambda r: next(values)})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=[monitor], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(PairsLM(copy.deepcopy(model), tok, PAIRS, lr=1e-3))
+    assert [r.step for r in monitor.reports] == [0, 2, 4]
+    assert "attribution/saliency/mean/flaky" not in trainer.callback_metrics
+    assert "attribution/saliency/mean/step_score/probability" in trainer.callback_metrics
