@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInputError, TokenizerError
 
-ROLES_WITH_CONTENT = ("system", "user", "assistant", "tool", "developer")
-
 
 @dataclass(frozen=True)
 class RenderedChat:

@@ -43,11 +43,6 @@ def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None
 _GUARDED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def is_guarded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is inside a :func:`preserve_model_state` block."""
-    return model in _GUARDED
-
-
 @contextlib.contextmanager
 def preserve_model_state(model: torch.nn.Module, preserve_rng: bool = True, freeze: bool = False) -> Iterator[None]:
     """Restore every submodule's training flag, every parameter's ``requires_grad`` and ``.grad``
