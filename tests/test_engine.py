@@ -50,11 +50,10 @@ def test_memory_budget_chunks_steps_without_changing_results(hf_models):
 
 
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "layer_integrated_gradients"])
-def test_backward_split_at_the_output_projection_gives_the_full_backward_numbers(hf_pair, texts, method,
-                                                                                   monkeypatch):
+def test_backward_split_at_the_output_projection_gives_the_full_backward_numbers(hf_pair, texts, method):
     """The split backward (summed scores to the head's input, then vectorised below it) against the
     one-hot vectorised backward through the head, on padded batches of all three families."""
-    from inseq_lightning.attr.engine import EngineContext
+    from inseq_lightning.attr.backward import BackwardStrategy
 
     model, tok = hf_pair
     am = il.load_model(model, method, tokenizer=tok)
@@ -63,39 +62,41 @@ def test_backward_split_at_the_output_projection_gives_the_full_backward_numbers
     targets = [target, target if model.config.is_encoder_decoder else prompt + " on"]
     kwargs = {"n_steps": 4} if "integrated" in method else {}
     kwargs["attribute_target"] = method != "layer_integrated_gradients"  # layer methods attribute one side
-    split_calls = []
-    original = EngineContext._head_seeds
-    monkeypatch.setattr(EngineContext, "_head_seeds", lambda self, g: split_calls.append(1) or original(self, g))
-    split = am.attribute(inputs, targets, show_progress=False, **kwargs)
-    assert split_calls, "the split backward was not taken"
-    monkeypatch.setattr(EngineContext, "_split_point", lambda self, rows: None)
-    full = am.attribute(inputs, targets, show_progress=False, **kwargs)
+    at_head, at_scores = BackwardStrategy(), BackwardStrategy(split_at_head=False)
+    split = am.attribute(inputs, targets, show_progress=False, backward_strategy=at_head, **kwargs)
+    assert at_head.records and all(r.split for r in at_head.records), "the split backward was not taken"
+    full = am.attribute(inputs, targets, show_progress=False, backward_strategy=at_scores, **kwargs)
+    assert at_scores.records and not any(r.split for r in at_scores.records)
     for a, b in zip(split.sequence_attributions, full.sequence_attributions):
         for side in ("source_attributions", "target_attributions"):
             if getattr(a, side) is not None:
                 torch.testing.assert_close(getattr(a, side), getattr(b, side), equal_nan=True, atol=1e-6, rtol=1e-5)
 
 
-def test_default_memory_budget_is_a_quarter_of_the_weights_and_sets_the_steps_per_backward(hf_models, monkeypatch):
-    """A toy model takes one step per backward (its batching would cost more than its weights);
-    a larger budget batches several steps in one vectorised backward, with the same numbers."""
-    from inseq_lightning.attr import engine
+def test_default_memory_budget_has_a_floor_and_sets_the_steps_per_backward(hf_models):
+    """The default budget is a quarter of the weights but never under 64 MiB: a toy model batches all
+    its steps in one vectorised backward; a zero budget takes one step per backward, same numbers."""
+    from inseq_lightning.attr.backward import MEMORY_BUDGET_FLOOR_BYTES, BackwardStrategy, default_memory_budget
 
     model, tok = hf_models["gpt2"]
     am = il.load_model(model, "saliency", tokenizer=tok)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert am.default_memory_budget == weights // 4
-    seeds_per_backward = []
-    original = engine._batched_grad
-    monkeypatch.setattr(engine, "_batched_grad",
-                        lambda out, inputs, seeds, keep: seeds_per_backward.append(len(seeds)) or original(out, inputs, seeds, keep))
-    default = am.attribute("Hello", "Hello world, this is a cat", show_progress=False)[0]
-    n = default.attr_pos_end - default.attr_pos_start
-    assert seeds_per_backward == [1] * n
-    seeds_per_backward.clear()
-    batched = am.attribute("Hello", "Hello world, this is a cat", memory_budget_bytes=2**30, show_progress=False)[0]
-    assert seeds_per_backward == [n]
-    torch.testing.assert_close(default.target_attributions, batched.target_attributions, equal_nan=True)
+    assert weights // 4 < MEMORY_BUDGET_FLOOR_BYTES == 64 * 1024**2
+    assert am.default_memory_budget == MEMORY_BUDGET_FLOOR_BYTES
+    big = torch.nn.Linear(8192, 8192, bias=False)  # 256 MiB of weights: a quarter is above the floor
+    assert default_memory_budget(big) == 8192 * 8192 * 4 // 4
+    default, one_by_one = BackwardStrategy(), BackwardStrategy()
+    batched = am.attribute("Hello", "Hello world, this is a cat", show_progress=False, backward_strategy=default)[0]
+    n = batched.attr_pos_end - batched.attr_pos_start
+    assert [r.steps for r in default.records] == [n]
+    single = am.attribute("Hello", "Hello world, this is a cat", memory_budget_bytes=0, show_progress=False,
+                          backward_strategy=one_by_one)[0]
+    assert [r.steps for r in one_by_one.records] == [1] * n
+    fixed = BackwardStrategy(steps_per_backward=2)
+    chunked = am.attribute("Hello", "Hello world, this is a cat", show_progress=False, backward_strategy=fixed)[0]
+    assert [r.steps for r in fixed.records] == [2] * (n // 2) + [n % 2] * (n % 2)
+    for out in (single, chunked):
+        torch.testing.assert_close(out.target_attributions, batched.target_attributions, equal_nan=True)
 
 
 def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numbers(hf_models):
@@ -121,18 +122,18 @@ def test_full_logits_are_freed_before_the_per_step_backwards(hf_pair, texts, met
     must not live through the per-step backwards (with a 50k vocabulary they are most of the peak)."""
     import weakref
 
-    from inseq_lightning.attr import engine
+    from inseq_lightning.attr import backward
 
     model, tok = hf_pair
     am = il.load_model(model, method, tokenizer=tok)
     logits_refs, alive_at_backward = [], []
-    real_batched_grad = engine._batched_grad
+    real_batched_grad = backward.batched_grad
 
     def observed_batched_grad(*args, **kwargs):
         alive_at_backward.append([ref() is not None for ref in logits_refs])
         return real_batched_grad(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_batched_grad", observed_batched_grad)
+    monkeypatch.setattr(backward, "batched_grad", observed_batched_grad)
     handle = model.register_forward_hook(lambda m, a, out: logits_refs.append(weakref.ref(out.logits)))
     try:
         out = am.attribute(*texts, step_scores=["probability"], show_progress=False)[0]
@@ -219,21 +220,18 @@ def test_progress_bar_counts_attributed_tokens_and_moves_within_one_sequence(hf_
     assert f"Attributing with {method}" in text and "tokens" in text
 
 
-def test_step_functions_that_forward_again_keep_the_backward_split(hf_models, monkeypatch):
+def test_step_functions_that_forward_again_keep_the_backward_split(hf_models):
     """Step scores are read between the forward and the backward; mc_dropout's extra no-grad
     forwards must not replace the recorded output-layer input the split backward starts from."""
-    from inseq_lightning.attr import engine
+    from inseq_lightning.attr.backward import BackwardStrategy
 
     model, tok = hf_models["gpt2"]
     am = il.load_model(model, "saliency", tokenizer=tok)
     expected = am.attribute("Hello", "Hello world, this is a cat", show_progress=False)[0]
-
-    def no_fallback(*args, **kwargs):
-        raise AssertionError("the backward fell back to seeding the scores: the split point was lost")
-
-    monkeypatch.setattr(engine.EngineContext, "_score_seeds", staticmethod(no_fallback))
+    strategy = BackwardStrategy()
     out = am.attribute("Hello", "Hello world, this is a cat", step_scores=["mc_dropout_prob_avg"],
-                       show_progress=False)[0]
+                       show_progress=False, backward_strategy=strategy)[0]
+    assert strategy.records and all(r.split for r in strategy.records), "the split point was lost"
     torch.testing.assert_close(out.target_attributions, expected.target_attributions, equal_nan=True)
     assert out.step_scores["mc_dropout_prob_avg"].shape == (out.attr_pos_end - out.attr_pos_start,)
 
@@ -245,34 +243,24 @@ def test_integration_points_are_summed_as_the_backwards_come(hf_models, monkeypa
     """Per-point gradients would be n_steps times the result: the engine keeps only the weighted
     sum over points ([B, L, N, D]), and the numbers equal summing the per-point gradients after."""
     from inseq_lightning.attr import engine
+    from inseq_lightning.attr.backward import BackwardStrategy
 
     model, tok = hf_models["llama"]
     am = il.load_model(model, method, tokenizer=tok)
     prompts, targets = ["The cat", "The"], ["The cat sat on the mat", "The mat is red"]
     shapes = []
-    real = engine.EngineContext.step_gradients
+    real = engine.step_gradients
 
-    def recording(self, *args, **kw):
-        out = real(self, *args, **kw)
+    def recording(*args, **kw):
+        out = real(*args, **kw)
         shapes.append(tuple(out[0].shape))
         return out
 
-    monkeypatch.setattr(engine.EngineContext, "step_gradients", recording)
+    monkeypatch.setattr(engine, "step_gradients", recording)
     summed = am.attribute(prompts, targets, show_progress=False, **kwargs)
     assert shapes and all(shape[0] == 2 for shape in shapes)  # B rows, whatever the number of points
-
-    def per_point_then_summed(self, scores, inputs, retain_graph=False, row_weights=None):
-        grads = real(self, scores, inputs, retain_graph)  # [R*B, L, N, D]
-        if row_weights is None:
-            return grads
-        out = []
-        for g, w in zip(grads, row_weights):
-            g = g * w.unsqueeze(2)
-            out.append(g.view(-1, self.batch.size, *g.shape[1:]).sum(0))
-        return out
-
-    monkeypatch.setattr(engine.EngineContext, "step_gradients", per_point_then_summed)
-    reference = am.attribute(prompts, targets, show_progress=False, **kwargs)
+    reference = am.attribute(prompts, targets, show_progress=False, backward_strategy=BackwardStrategy(sum_points=False),
+                             **kwargs)
     for a, b in zip(summed, reference):
         torch.testing.assert_close(a.target_attributions, b.target_attributions, equal_nan=True)
 

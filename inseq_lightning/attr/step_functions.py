@@ -2,12 +2,17 @@
 
 A step function receives a :class:`StepFunctionArgs` whose ``forward_output.logits`` has shape
 ``[M, 1, vocab]`` (the logits that predict each target token) and ``target_ids`` of shape ``[M]``,
-plus its own keyword arguments, and returns a ``[M]`` tensor. The engine calls it once for all
-steps of all sequences together (M = sequences x steps), so it never re-runs the model per token.
-Functions written for inseq that read ``args.attribution_model.output2logits(args.forward_output)`` and
-``args.target_ids`` work unchanged (inseq's own ``logit``/``probability``/``entropy``/``crossentropy``/
-``perplexity`` functions are tested registered here); inseq's contrastive functions, which build
-contrast inputs through inseq's own formatter, do not yet.
+plus its own keyword arguments, and returns a ``[M]`` tensor.
+
+The built-in functions are called once for all steps of all sequences together (M = sequences x
+steps; ``decoder_input_ids`` then hold each row's whole sequence). A function registered with
+:func:`register_step_function` is called as inseq calls it: once per step (rows grouped by prefix
+length), with ``decoder_input_ids``/``decoder_attention_mask``/``decoder_input_embeds`` holding the
+prefix before the predicted token, so functions written for inseq work unchanged.
+
+The seven contrastive functions compare each step with the contrast inputs of
+:mod:`~inseq_lightning.attr.contrast` (``contrast_targets``, ``contrast_sources``,
+``contrast_targets_alignments``, ``contrast_force_inputs``), whose logits come from one forward.
 """
 
 import functools
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from ..errors import UnknownStepFunctionError
+from ..errors import InvalidInputError, UnknownStepFunctionError
 from ..utils.registry import Registry
 
 
@@ -38,6 +43,7 @@ class StepFunctionArgs:
         is_attributed_fn: True when the function is the attribution target.
         forward_again: re-runs the shared forward with the model's current modes and returns fresh
             ``[M, vocab]`` logits (used by ``mc_dropout_prob_avg``).
+        contrast: the contrast inputs' view of each row (:class:`ContrastView`), when the call has any.
     """
 
     attribution_model: Any
@@ -51,6 +57,23 @@ class StepFunctionArgs:
     decoder_input_embeds: torch.Tensor | None = None
     encoder_input_embeds: torch.Tensor | None = None
     forward_again: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    contrast: "ContrastView | None" = field(default=None, repr=False)
+
+
+@dataclass
+class ContrastView:
+    """The contrast inputs seen from the rows of a :class:`StepFunctionArgs`.
+
+    Attributes:
+        target_ids: ``[M]`` the contrast token aligned with each row's step.
+        logits: a callable returning ``[M, vocab]`` logits of the contrast forward that predict
+            ``target_ids`` (computed once per batch, on first use).
+        force_inputs: ``contrast_force_inputs``.
+    """
+
+    target_ids: torch.Tensor
+    logits: Callable[[], torch.Tensor] = field(repr=False)
+    force_inputs: bool = False
 
 
 StepFunction = Callable[..., torch.Tensor]
@@ -131,10 +154,109 @@ def top_p_size_fn(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
     return (~removed).sum(-1)
 
 
+def _contrast_side(args: StepFunctionArgs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([M, vocab] logits, [M] ids)`` of the contrast side. As attributed function (without
+    ``contrast_force_inputs``) the contrast token is scored on the original forward, so that the
+    gradients of both terms flow to the attributed inputs (inseq's rule)."""
+    if args.contrast is None:
+        raise InvalidInputError(f"{name} compares with contrast inputs: pass contrast_targets (or contrast_sources) "
+                                "to attribute()")
+    if args.is_attributed_fn and not args.contrast.force_inputs:
+        return _logits(args), args.contrast.target_ids
+    return args.contrast.logits(), args.contrast.target_ids
+
+
+def _gather(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return scores.gather(-1, ids.view(-1, 1).to(scores.device)).squeeze(-1)
+
+
+def contrast_logits_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                       contrast_targets_alignments=None, contrast_force_inputs: bool = False,
+                       skip_special_tokens: bool = False) -> torch.Tensor:
+    """Logit of the contrast token given the contrast context (see :mod:`~inseq_lightning.attr.contrast`)."""
+    logits, ids = _contrast_side(args, "contrast_logits")
+    return _gather(logits, ids)
+
+
+def contrast_prob_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                     contrast_targets_alignments=None, logprob: bool = False, contrast_force_inputs: bool = False,
+                     skip_special_tokens: bool = False) -> torch.Tensor:
+    """Probability (``logprob``: log-probability) of the contrast token given the contrast context."""
+    logits, ids = _contrast_side(args, "contrast_prob")
+    return _gather(logits.log_softmax(-1) if logprob else logits.softmax(-1), ids)
+
+
+def contrast_logits_diff_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                            contrast_targets_alignments=None, contrast_force_inputs: bool = False,
+                            skip_special_tokens: bool = False) -> torch.Tensor:
+    """``logit(y) - logit(y')`` (Yin & Neubig, 2022)."""
+    return logit_fn(args) - contrast_logits_fn(args)
+
+
+def contrast_prob_diff_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                          contrast_targets_alignments=None, logprob: bool = False,
+                          contrast_force_inputs: bool = False, skip_special_tokens: bool = False) -> torch.Tensor:
+    """``p(y) - p(y')``: which inputs made the model pick the target rather than the contrast."""
+    return probability_fn(args, logprob=logprob) - contrast_prob_fn(args, logprob=logprob)
+
+
+def pcxmi_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None, contrast_targets_alignments=None,
+             contrast_force_inputs: bool = False, skip_special_tokens: bool = False) -> torch.Tensor:
+    """Pointwise conditional cross-mutual information ``-log2(p(y) / p_contrast(y'))`` (Yin et al., 2021)."""
+    return -torch.log2(torch.div(probability_fn(args), contrast_prob_fn(args)))
+
+
+def in_context_pvi_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                      contrast_targets_alignments=None, contrast_force_inputs: bool = False,
+                      skip_special_tokens: bool = False) -> torch.Tensor:
+    """In-context pointwise V-usable information ``-log p(y) + log p_contrast(y')`` (Lu et al., 2023)."""
+    return -probability_fn(args, logprob=True) + contrast_prob_fn(args, logprob=True)
+
+
+def kl_divergence_fn(args: StepFunctionArgs, contrast_sources=None, contrast_targets=None,
+                     contrast_targets_alignments=None, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1,
+                     contrast_force_inputs: bool = False, skip_special_tokens: bool = False) -> torch.Tensor:
+    """``KL(P || Q)`` between the original (P) and the contrast (Q) next-token distributions, after
+    inseq's top-p then top-k filtering on the summed logits."""
+    if args.is_attributed_fn and not contrast_force_inputs:
+        raise InvalidInputError("kl_divergence as attributed function compares two forwards; pass "
+                                "contrast_force_inputs=True to attribute it")
+    if args.contrast is None:
+        raise InvalidInputError("kl_divergence compares with contrast inputs: pass contrast_targets (or "
+                                "contrast_sources) to attribute()")
+    original, contrast = _logits(args), args.contrast.logits().to(_logits(args).device)
+    original, contrast = _filter_logits(original, contrast, top_p, top_k, min_tokens_to_keep)
+    return F.kl_div(contrast.log_softmax(-1), original.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+
+
+def _filter_logits(original: torch.Tensor, contrast: torch.Tensor, top_p: float, top_k: int,
+                   min_tokens_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """inseq's ``filter_logits`` with the "merged" strategy: the masks come from ``original + contrast``."""
+    if top_k > original.size(-1) or top_k < 0:
+        raise InvalidInputError(f"top_k must be an integer in [0, {original.size(-1)}], got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise InvalidInputError(f"top_p must be in [0, 1], got {top_p}")
+    if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise InvalidInputError(f"min_tokens_to_keep must be a positive integer, got {min_tokens_to_keep}")
+    if top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(original + contrast, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -min_tokens_to_keep:] = False
+        remove = remove.scatter(1, sorted_indices, remove)
+        original, contrast = original.masked_fill(remove, float("-inf")), contrast.masked_fill(remove, float("-inf"))
+    if top_k > 0:
+        merged = original + contrast
+        remove = merged < merged.topk(max(top_k, min_tokens_to_keep)).values[..., -1, None]
+        original, contrast = original.masked_fill(remove, float("-inf")), contrast.masked_fill(remove, float("-inf"))
+    return original, contrast
+
+
 @dataclass
 class _Entry:
     fn: StepFunction
     aggregate_map: dict[str, str]
+    # Built-ins take every step of every sequence at once; registered functions get inseq's per-step call.
+    vectorized: bool = False
 
 
 _STEP_FUNCTIONS: Registry[_Entry] = Registry("step function", error=UnknownStepFunctionError)
@@ -165,6 +287,17 @@ def register_step_function(
 
 def get_step_function(identifier: str) -> StepFunction:
     return _STEP_FUNCTIONS.get(identifier).fn
+
+
+def is_vectorized(fn: StepFunction) -> bool:
+    """Whether ``fn`` is a built-in that takes all steps at once (else it is called per step)."""
+    return any(fn is builtin for builtin in _VECTORIZED)  # identity: callables may be unhashable
+
+
+def uses_contrast(fn: StepFunction) -> bool:
+    """Whether ``fn`` takes inseq's contrastive arguments."""
+    names = _keyword_names(fn)
+    return names is not None and "contrast_targets" in names
 
 
 def step_function_aggregate_map(identifier: str) -> dict[str, str]:
@@ -203,13 +336,22 @@ def _signature_keyword_names(fn: StepFunction) -> frozenset[str] | None:
 _cached_keyword_names = functools.lru_cache(maxsize=256)(_signature_keyword_names)
 
 
-for _name, _fn, _agg in [
+_BUILT_IN = [
     ("logit", logit_fn, {}),
     ("probability", probability_fn, {"spans": "prod"}),
     ("entropy", entropy_fn, {"spans": "sum"}),
     ("crossentropy", crossentropy_fn, {"spans": "sum"}),
     ("perplexity", perplexity_fn, {"spans": "prod"}),
+    ("contrast_logits", contrast_logits_fn, {}),
+    ("contrast_prob", contrast_prob_fn, {"spans": "prod"}),
+    ("contrast_logits_diff", contrast_logits_diff_fn, {}),
+    ("contrast_prob_diff", contrast_prob_diff_fn, {"spans": "prod"}),  # inseq's map
+    ("pcxmi", pcxmi_fn, {"spans": "sum"}),
+    ("kl_divergence", kl_divergence_fn, {"spans": "sum"}),
+    ("in_context_pvi", in_context_pvi_fn, {}),
     ("mc_dropout_prob_avg", mc_dropout_prob_avg_fn, {"spans": "prod"}),
     ("top_p_size", top_p_size_fn, {}),
-]:
+]
+_VECTORIZED = tuple(fn for _, fn, _ in _BUILT_IN)
+for _name, _fn, _agg in _BUILT_IN:
     register_step_function(_fn, _name, _agg)

@@ -1,9 +1,7 @@
 """AttributionModel: a Hugging Face model + tokenizer that can attribute its own predictions."""
 
-import functools
 import inspect
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,9 +10,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..attr.engine import EngineContext, default_memory_budget, nan_future_positions
+from ..attr.backward import BackwardStrategy, default_memory_budget
+from ..attr.contrast import build_contrast_batch
+from ..attr.engine import EngineContext, nan_future_positions
 from ..attr.methods import get_method
-from ..attr.step_functions import get_step_function, step_function_kwargs
+from ..attr.request import AttributionRequest, build_request
 from ..data.outputs import (
     FeatureAttributionOutput,
     FeatureAttributionSequenceOutput,
@@ -25,13 +25,15 @@ from ..data.outputs import (
 from ..errors import InvalidInputError
 from ..utils.model_state import preserve_model_state
 from ..utils.sharding import has_sharded_parameters
+from .architectures import adapter_for
 from .batch import Batch
+from .inseq_compat import InseqModelAPI
 from .tokenization import SpecialIds, build_batch, check_texts, encode_input
 
 logger = logging.getLogger(__name__)
 
 
-class AttributionModel:
+class AttributionModel(InseqModelAPI):
     """Wraps a loaded ``PreTrainedModel`` and its tokenizer. Build it with :func:`load_model`.
 
     The model is used where it is (device, dtype) and left exactly as it was found: modes,
@@ -41,10 +43,10 @@ class AttributionModel:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, attribution_method: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.architecture = adapter_for(model)
+        self.is_encoder_decoder = self.architecture.is_encoder_decoder  # inseq's attribute, read by step functions
         self.special_ids = SpecialIds.resolve(model, tokenizer)
-        self.embed_scale = self._embed_scale()
-        self._decoder_embed: tuple[torch.nn.Module, float, float] | None = None
+        self.embed_scale = self.architecture.embed_scale
         self._default_memory_budget: int | None = None
         forward_parameters = inspect.signature(model.forward).parameters
         # One pass over the whole sequence needs no key/value cache (time and memory for nothing).
@@ -54,28 +56,6 @@ class AttributionModel:
         self.default_attribution_method = attribution_method or "saliency"
         get_method(self.default_attribution_method)  # fail early on unknown names
         self.default_attributed_fn_id = "probability"
-
-    def _embed_scale(self) -> float:
-        """inseq's scale: the encoder's (or model's) ``embed_scale`` attribute when there is one."""
-        holder = self.model.get_encoder() if self.is_encoder_decoder else self.model
-        return _scale_to_apply(holder)
-
-    def _decoder_embedding(self) -> tuple[torch.nn.Module, float, float]:
-        """The decoder's own embedding table, the scale of the embeddings attributed on the target side
-        (inseq's: the decoder's ``embed_scale``, as on the source side), and the factor that turns them
-        into what the decoder expects as ``decoder_inputs_embeds``.
-
-        Marian's and Pegasus's decoders multiply the ``decoder_inputs_embeds`` they are given by
-        ``embed_scale`` themselves (their encoders only scale ids they embed): fed the scaled
-        embeddings as they are, the decoder saw them scaled twice, 9-15% off the model's own step
-        scores (inseq 0.7.1 does that). The factor undoes the decoder's own scaling."""
-        decoder = self.model.get_decoder()
-        table = getattr(decoder, "embed_tokens", None)
-        table = table if isinstance(table, torch.nn.Module) else self.model.get_input_embeddings()
-        own = getattr(decoder, "embed_scale", None)
-        scale = float(own) if own is not None else self.embed_scale
-        given = 1.0 / scale if own is not None and _scales_given_embeddings(type(decoder)) else 1.0
-        return table, scale, given
 
     @property
     def device(self) -> torch.device:
@@ -102,26 +82,6 @@ class AttributionModel:
         inseq read (``args.attribution_model.output2logits(args.forward_output)``)."""
         return forward_output.logits[:, -1, :]
 
-    def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
-        """``[B, L]`` ids -> ``[B, L, D]`` attributed input embeddings (times ``embed_scale``, inseq's
-        convention; ``as_targets``: the decoder side, from the decoder's own table). Give the decoder
-        side to the model through :meth:`decoder_input`."""
-        if as_targets and self.is_encoder_decoder:
-            table, scale, _ = self._decoder_side()
-            return table(ids) * scale
-        return self.model.get_input_embeddings()(ids) * self.embed_scale
-
-    def decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Target-side embeddings from :meth:`embed` as the decoder expects its ``decoder_inputs_embeds``
-        (unchanged unless the decoder applies its ``embed_scale`` to them itself)."""
-        factor = self._decoder_side()[2]
-        return embeddings if factor == 1.0 else embeddings * factor
-
-    def _decoder_side(self) -> tuple[torch.nn.Module, float, float]:
-        if self._decoder_embed is None:
-            self._decoder_embed = self._decoder_embedding()
-        return self._decoder_embed
-
     # ---- generation ---------------------------------------------------------------------------
     def generate_ids(self, input_texts: list[str], skip_special_tokens: bool = False,
                      **generation_args) -> list[list[int]]:
@@ -145,10 +105,7 @@ class AttributionModel:
     def decode_generation(self, input_text: str, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of one :meth:`generate_ids` result: decoder-only, ``input_text`` followed by the
         decoded continuation; encoder-decoder, the decoded target (special tokens left out)."""
-        if self.is_encoder_decoder:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-        new = ids[len(encode_input(self, input_text, skip_special_tokens)):]
-        return input_text + self.tokenizer.decode(new, skip_special_tokens=True)
+        return self.architecture.generation_text(self, input_text, ids, skip_special_tokens)
 
     def generate(self, input_texts: list[str], skip_special_tokens: bool = False, **generation_args) -> list[str]:
         """Greedy/sampled generation as text; decoder-only results hold the prompt and the continuation.
@@ -180,6 +137,7 @@ class AttributionModel:
         skip_special_tokens: bool = False,
         generation_args: dict[str, Any] | None = None,
         memory_budget_bytes: int | None = None,
+        backward_strategy: BackwardStrategy | None = None,
         **kwargs,
     ) -> FeatureAttributionOutput:
         """Attribute the generation of ``generated_texts`` (or of the model's own generation) from
@@ -199,9 +157,13 @@ class AttributionModel:
             attributed_fn: step function name or callable whose value is attributed (default probability).
             batch_size: sequences per forward (default: all at once).
             memory_budget_bytes: extra memory the vectorised backward may use: steps are chunked to
-                fit. Default: a quarter of the model's parameter memory; 0 takes one step per backward.
+                fit. Default: a quarter of the model's parameter memory, at least 64 MiB; 0 takes one
+                step per backward.
+            backward_strategy: how per-step gradients are computed (:class:`~inseq_lightning.attr.backward.BackwardStrategy`).
             **kwargs: method arguments (e.g. ``n_steps``, ``internal_batch_size``), attributed-function
-                and step-function arguments (e.g. ``logprob``, ``top_p``), routed by name.
+                and step-function arguments (e.g. ``logprob``, ``top_p``, and the contrastive
+                ``contrast_targets``, ``contrast_sources``, ``contrast_targets_alignments``,
+                ``contrast_force_inputs``), routed by name.
 
         Returns:
             A :class:`FeatureAttributionOutput` with one sequence output per input.
@@ -213,26 +175,16 @@ class AttributionModel:
         if not input_list:
             raise InvalidInputError("input_texts is empty; pass at least one text")
         check_texts("input_texts", input_list)
-        if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
-            raise InvalidInputError(
-                f"memory_budget_bytes must be a number of bytes >= 0 (0: one step per backward) or None for the "
-                f"default, got {memory_budget_bytes!r}"
-            )
         method_name = method or self.default_attribution_method
-        attribution = get_method(method_name)
+        request = build_request(
+            len(input_list), method_name, attributed_fn, self.default_attributed_fn_id, step_scores, kwargs,
+            attribute_target=attribute_target, output_step_attributions=output_step_attributions,
+            include_eos_baseline=include_eos_baseline, skip_special_tokens=skip_special_tokens,
+            attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end, memory_budget_bytes=memory_budget_bytes,
+            backward_strategy=backward_strategy,
+        )
         if override_default_attribution:
             self.default_attribution_method = method_name
-        if attribute_target and not attribution.supports_attribute_target:
-            raise InvalidInputError(f"{method_name} attributes token ids, not embeddings: it cannot attribute_target")
-        score_fn, score_fn_name = self._resolve_attributed_fn(attributed_fn)
-        step_fns = {name: get_step_function(name) for name in step_scores}
-        method_kwargs, score_kwargs = self._route_kwargs(attribution, score_fn, step_fns, kwargs)
-        for name, value in (("attr_pos_start", attr_pos_start), ("attr_pos_end", attr_pos_end)):
-            if isinstance(value, (list, tuple)) and len(value) != len(input_list):
-                raise InvalidInputError(f"{name} has {len(value)} positions for {len(input_list)} input texts; "
-                                        "pass one per text, or one int for all")
-        attr_pos_start = list(attr_pos_start) if isinstance(attr_pos_start, tuple) else attr_pos_start
-        attr_pos_end = list(attr_pos_end) if isinstance(attr_pos_end, tuple) else attr_pos_end
         generation_args = dict(generation_args or {})
         # One guard for the whole call (generation, every batch): modes, requires_grad, .grad and RNG
         # are snapshotted once and restored when the call returns or raises. Frozen weights: gradients
@@ -253,42 +205,42 @@ class AttributionModel:
                         "pass one target per input"
                     )
                 check_texts("generated_texts", generated_list)
-            if not self.is_encoder_decoder and generated_ids is None:
                 for i, (prompt, full) in enumerate(zip(input_list, generated_list)):
-                    if not full.startswith(prompt):
-                        raise InvalidInputError(
-                            f"generated_texts[{i}] does not start with its prompt; pass the full text (prompt + "
-                            "continuation) or use an encoder-decoder model"
-                        )
+                    problem = self.architecture.check_generated_text(i, prompt, full)
+                    if problem:
+                        raise InvalidInputError(problem)
             size = batch_size or len(input_list)
             chunks = [range(s, min(s + size, len(input_list))) for s in range(0, len(input_list), size)]
             outputs = []
             # Tensors must be built outside inference mode (trainer.validate/test) to be differentiable.
             with torch.inference_mode(False):
-                # Tokenized up front (cheap) so that the bar counts attributed tokens from the start.
+                # Tokenized up front (cheap) so that the bar counts attributed tokens from the start;
+                # contrast inputs too, so that a bad one fails before any attribution.
                 batches = [build_batch(self, [input_list[i] for i in chunk],
                                        None if generated_ids is not None else [generated_list[i] for i in chunk],
-                                       _chunk(attr_pos_start, chunk), _chunk(attr_pos_end, chunk),
+                                       _chunk(request.attr_pos_start, chunk), _chunk(request.attr_pos_end, chunk),
                                        include_eos_baseline, skip_special_tokens,
                                        generated_ids=[generated_ids[i] for i in chunk] if generated_ids is not None else None)
                            for chunk in chunks]
+                contrasts = [build_contrast_batch(self, batch, request.contrast, chunk, input_list, skip_special_tokens)
+                             if request.contrast is not None else None for batch, chunk in zip(batches, chunks)]
                 total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
                 with _progress(show_progress, method_name, total_tokens) as advance:
-                    for batch in batches:
-                        outputs.append(self._attribute_batch(batch, attribution, score_fn, method_kwargs, score_kwargs,
-                                                             step_fns, attribute_target, output_step_attributions,
-                                                             memory_budget_bytes, advance))
+                    for batch, contrast in zip(batches, contrasts):
+                        outputs.append(self._attribute_batch(batch, request, contrast, advance))
         out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
         out.info = {
             "attribution_method": method_name,
             "input_texts": input_list,
             "generated_texts": generated_list,
-            "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end,
+            "attr_pos_start": request.attr_pos_start,
+            "attr_pos_end": request.attr_pos_end,
             "attribute_target": attribute_target,
             "step_scores": list(step_scores),
-            "attributed_fn": score_fn_name,
-            "attribution_args": {k: v for k, v in method_kwargs.items() if _jsonable(v)},
+            "attributed_fn": request.attributed_fn_name,
+            "attribution_args": {k: v for k, v in request.method_kwargs.items() if _jsonable(v)},
+            "attributed_fn_args": {k: v for k, v in request.attributed_fn_kwargs.items() if _jsonable(v)},
+            "step_scores_args": {k: v for k, v in request.step_function_kwargs.items() if _jsonable(v)},
             "generation_args": generation_args,
             "include_eos_baseline": include_eos_baseline,
             "output_step_attributions": output_step_attributions,
@@ -297,46 +249,9 @@ class AttributionModel:
         }
         return out
 
-    def _resolve_attributed_fn(self, attributed_fn) -> tuple[Callable, str]:
-        if attributed_fn is None:
-            return get_step_function(self.default_attributed_fn_id), self.default_attributed_fn_id
-        if isinstance(attributed_fn, str):
-            return get_step_function(attributed_fn), attributed_fn
-        if callable(attributed_fn):
-            return attributed_fn, getattr(attributed_fn, "__name__", "custom")
-        raise InvalidInputError(f"attributed_fn must be a step function name or a callable, not {attributed_fn!r}")
-
-    @staticmethod
-    def _route_kwargs(attribution, score_fn, step_fns, kwargs) -> tuple[dict, dict]:
-        """Split ``**kwargs`` between the method, the attributed function and the step functions;
-        a name none of them accepts is an error rather than silently ignored."""
-        method_params = set(inspect.signature(attribution.attribute).parameters) - {"self", "ctx", "kwargs"}
-        attribution_args = dict(kwargs.pop("attribution_args", {}) or {})
-        score_kwargs = dict(kwargs.pop("attributed_fn_args", {}) or {})
-        step_kwargs = dict(kwargs.pop("step_scores_args", {}) or {})
-        method_kwargs = {k: v for k, v in kwargs.items() if k in method_params}
-        method_kwargs.update(attribution_args)
-        score_kwargs.update(step_function_kwargs(score_fn, kwargs))
-        used = set(method_kwargs) | set(score_kwargs)
-        for fn in step_fns.values():
-            taken = step_function_kwargs(fn, kwargs)
-            step_kwargs.update(taken)
-            used |= set(taken)
-        unknown = sorted(set(kwargs) - used)
-        if unknown:
-            raise InvalidInputError(
-                f"Unknown argument(s) {', '.join(unknown)}: not taken by method {attribution.name!r} "
-                f"(takes {', '.join(sorted(method_params)) or 'none'}), the attributed function or the step functions"
-            )
-        return method_kwargs, {"attributed": score_kwargs, "steps": step_kwargs}
-
-    def _attribute_batch(self, batch: Batch, attribution, score_fn, method_kwargs, score_kwargs, step_fns,
-                         attribute_target, output_step_attributions, memory_budget_bytes,
+    def _attribute_batch(self, batch: Batch, request: AttributionRequest, contrast,
                          advance: Callable[[float], None] = lambda n: None) -> FeatureAttributionOutput:
-        ctx = EngineContext(self, batch, score_fn, score_kwargs["attributed"], attribute_target, memory_budget_bytes,
-                            progress=advance)
-        if step_fns:
-            ctx.step_scorer = functools.partial(self._step_scores, step_fns=step_fns, step_kwargs=score_kwargs["steps"])
+        ctx = EngineContext(self, batch, request, progress=advance, contrast=contrast)
         # Called inside attribute()'s guard, with frozen weights: the forward saves only what the
         # input gradients need (a Linear no longer keeps its input for the weight's gradient),
         # which leaves memory for batching steps.
@@ -345,48 +260,32 @@ class AttributionModel:
             # by the guard. eval() walks and rewrites every module: skipped when none is training.
             if any(module.training for module in self.model.modules()):
                 self.model.eval()
-            result = attribution.attribute(ctx, **method_kwargs)
-            if step_fns and ctx.step_score_values is None:  # the method never ran the real inputs
-                with torch.no_grad():
-                    ctx.record_step_scores(ctx.real_step_logits())
-            scores = ctx.step_score_values or {}
+            result = request.method.attribute(ctx, **request.method_kwargs)
+            scores = ctx.scorer.ensure_step_scores()
         # Methods without per-step backwards (attention, occlusion, dummy) finish the batch at once.
         advance(ctx.num_tokens - ctx.reported_tokens)
         source = result.source.detach().float().cpu() if result.source is not None else None
         target = result.target.detach().float().cpu() if result.target is not None else None
         if target is not None:
             target = nan_future_positions(target, ctx.positions.cpu(), ctx.valid.cpu())
-        return self._sequence_outputs(batch, attribution.granularity, source, target, scores, output_step_attributions)
+        return self._sequence_outputs(batch, request.method.granularity, source, target, scores,
+                                      request.output_step_attributions, contrast)
 
-    def _step_scores(self, ctx: EngineContext, logits, step_fns, step_kwargs) -> dict[str, torch.Tensor]:
-        """``{name: [B, N]}`` step scores from the detached ``[B, N, V]`` step logits at the real inputs."""
-
-        def forward_again() -> torch.Tensor:
-            fresh = ctx.real_step_logits()
-            return fresh.reshape(-1, fresh.shape[-1])
-
-        args = ctx.step_function_args(logits, is_attributed_fn=False, forward_again=forward_again)
-        scores = {}
-        for name, fn in step_fns.items():
-            values = fn(args, **step_function_kwargs(fn, step_kwargs))
-            scores[name] = values.reshape(logits.shape[0], logits.shape[1]).detach().float().cpu()  # like attributions
-        return scores
-
-    def _sequence_outputs(self, batch: Batch, granularity, source, target, scores, with_steps) -> FeatureAttributionOutput:
+    def _sequence_outputs(self, batch: Batch, granularity, source, target, scores, with_steps,
+                          contrast=None) -> FeatureAttributionOutput:
         sequences = []
         for i, positions in enumerate(batch.step_positions):
             n = len(positions)
             start, end = positions[0], positions[-1] + 1
             t_len = int(batch.target_mask[i].sum())
             target_tokens = [TokenWithId(t, int(x)) for t, x in zip(batch.target_tokens[i], batch.target_ids[i].tolist())][:t_len]
+            if contrast is not None:  # inseq's "contrast → target" label where the aligned tokens differ
+                for p, j in zip(positions, contrast.aligned_lists[i]):
+                    if contrast.tokens[i][j] != target_tokens[p].token:
+                        target_tokens[p] = TokenWithId(f"{contrast.tokens[i][j]} → {target_tokens[p].token}",
+                                                       target_tokens[p].id)
             rows = min(t_len, end)
-            if self.is_encoder_decoder:
-                s_len = int(batch.source_mask[i].sum())
-                source_tokens = [TokenWithId(t, int(x)) for t, x in
-                                 zip(batch.source_tokens[i], batch.source_ids[i].tolist())][:s_len]
-                src = source[i, :s_len, :n] if source is not None else None
-            else:
-                source_tokens, src = target_tokens[:start], None
+            source_tokens, src = self.architecture.source_side(batch, i, source, target_tokens, start, n, TokenWithId)
             sequences.append(FeatureAttributionSequenceOutput(
                 source=source_tokens,
                 target=target_tokens,
@@ -399,24 +298,6 @@ class AttributionModel:
             ))
         steps = _step_outputs(sequences, batch) if with_steps else None
         return FeatureAttributionOutput(sequences, steps, {})
-
-
-_SCALES_GIVEN_EMBEDDINGS = re.compile(r"^\s*inputs_embeds\s*(=\s*inputs_embeds\s*\*|\*=)\s*self\.embed_scale", re.MULTILINE)
-
-
-@functools.cache
-def _scales_given_embeddings(module_type: type) -> bool:
-    """Whether ``module_type.forward`` multiplies the ``inputs_embeds`` it is given by ``embed_scale``."""
-    try:
-        return bool(_SCALES_GIVEN_EMBEDDINGS.search(inspect.getsource(module_type.forward)))
-    except (OSError, TypeError):
-        return False
-
-
-def _scale_to_apply(module: torch.nn.Module) -> float:
-    """inseq's embedding scale of ``module``'s side: its ``embed_scale`` attribute when there is one."""
-    scale = getattr(module, "embed_scale", None)
-    return float(scale) if scale is not None else 1.0
 
 
 def _chunk(value, indices: range):

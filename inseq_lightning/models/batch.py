@@ -20,6 +20,7 @@ class Batch:
         step_positions: per sequence, the target positions attributed (each predicted from the
             position before it).
         source_ids, source_mask, source_baseline_ids: ``[B, S]`` encoder inputs (encoder-decoder only).
+        prompt_lengths: per sequence, the first position of the continuation.
     """
 
     target_ids: torch.Tensor
@@ -31,6 +32,9 @@ class Batch:
     source_mask: torch.Tensor | None = None
     source_baseline_ids: torch.Tensor | None = None
     source_tokens: list[list[str]] | None = None
+    # Where each target's continuation starts (decoder-only: the prompt's length in tokens; encoder-
+    # decoder: 1, after the decoder start token).
+    prompt_lengths: list[int] | None = None
 
     @property
     def size(self) -> int:

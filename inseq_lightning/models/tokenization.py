@@ -112,8 +112,19 @@ def tokens_before_char(wrapper, text: str, char: int, skip_special_tokens: bool 
 
 def encode_input(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
     """The ids of an input text as attribution sees them (decoder-only: the prompt; encoder-decoder: the source)."""
-    bos = None if wrapper.is_encoder_decoder else wrapper.special_ids.bos
+    bos = wrapper.architecture.input_bos(wrapper.special_ids)
     return _encode(wrapper.tokenizer, text, not skip_special_tokens, False, bos)
+
+
+def encode_as_target(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
+    """The ids of an encoder-decoder target text (the target tokenizer), without the decoder start token."""
+    return _encode(wrapper.tokenizer, text, not skip_special_tokens, True, None)
+
+
+def encode_target(wrapper, text: str, skip_special_tokens: bool) -> list[int]:
+    """The target-side ids of ``text`` exactly as a batch holds them (decoder-only: prompt included;
+    encoder-decoder: after the decoder start token)."""
+    return wrapper.architecture.encode_target(wrapper, text, skip_special_tokens)
 
 
 def baseline_ids(ids: list[int], special: SpecialIds, include_eos_baseline: bool) -> list[int]:
@@ -171,63 +182,79 @@ def build_batch(
     by the target's. A model's own generation is attributed this way, so that the attributed tokens
     are exactly the generated ones (decoding and re-tokenizing can merge, split or drop tokens).
     """
-    tok, special = wrapper.tokenizer, wrapper.special_ids
-    add_special = not skip_special_tokens
-    tokens = lambda ids: [str(t) for t in tok.convert_ids_to_tokens(ids)]
     if (generated_texts is None) == (generated_ids is None):
         raise ValueError("build_batch takes either generated_texts or generated_ids")
-    if wrapper.is_encoder_decoder:
-        sources = [_encode(tok, t, add_special, False, None) for t in input_texts]
-        if generated_ids is not None:
-            targets = [ids if ids[:1] == [special.bos] else [special.bos] + ids for ids in map(list, generated_ids)]
-        else:
-            targets = [[special.bos] + _encode(tok, t, add_special, True, None) for t in generated_texts]
-        for i, (s, t) in enumerate(zip(sources, targets)):
-            _check_length(wrapper.model, "input_texts", i, s)
-            _check_length(wrapper.model, "generated_texts", i, t)
-        positions = []
-        for i, t in enumerate(targets):
-            first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
-            start = 1 if first is None else max(1, first)
-            end = len(t) if last is None else min(len(t), last + 1)
-            positions.append(list(range(start, end)))
-        src_ids, src_mask = pad_right(sources, special.pad)
-        src_base, _ = pad_right([baseline_ids(s, special, include_eos_baseline) for s in sources], special.pad)
-        tgt_ids, tgt_mask = pad_right(targets, special.pad)
-        # The decoder start token stays itself in the target baseline (inseq keeps BOS there).
-        tgt_base, _ = pad_right(
-            [[special.bos] + baseline_ids(t[1:], special, include_eos_baseline) for t in targets], special.pad
-        )
-        batch = Batch(tgt_ids, tgt_mask, tgt_base, [tokens(t) for t in targets], positions,
-                      src_ids, src_mask, src_base, [tokens(s) for s in sources])
-    else:
-        prompts = [_encode(tok, t, add_special, False, special.bos) for t in input_texts]
-        if generated_ids is not None:
-            fulls = [list(ids) for ids in generated_ids]
-            for i, (p, f) in enumerate(zip(prompts, fulls)):
-                if f[: len(p)] != p:
-                    raise InvalidInputError(f"generated_ids[{i}] does not start with the ids of its prompt")
-            boundaries = [len(p) for p in prompts]
-        else:
-            fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
-            boundaries = [prompt_boundary(tok, prompt, full, p, f, add_special, f"generated_texts[{i}]")
-                          for i, (prompt, full, p, f) in enumerate(zip(input_texts, generated_texts, prompts, fulls))]
-        positions = []
-        for i, (boundary, f) in enumerate(zip(boundaries, fulls)):
-            _check_length(wrapper.model, "generated_texts", i, f)
-            first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
-            start = boundary if first is None else max(boundary, first)
-            end = len(f) if last is None else min(len(f), last)
-            if start >= end:
-                raise InvalidInputError(
-                    f"generated_texts[{i}] adds no token to its prompt within attr_pos_start..attr_pos_end; "
-                    "pass a longer continuation or widen the positions."
-                )
-            positions.append(list(range(start, end)))
-        ids, mask = pad_right(fulls, special.pad)
-        base, _ = pad_right([baseline_ids(f, special, include_eos_baseline) for f in fulls], special.pad)
-        batch = Batch(ids, mask, base, [tokens(f) for f in fulls], positions)
+    batch = wrapper.architecture.build_batch(wrapper, input_texts, generated_texts, attr_pos_start, attr_pos_end,
+                                             include_eos_baseline, skip_special_tokens, generated_ids)
     for i, pos in enumerate(batch.step_positions):
         if not pos:
             raise InvalidInputError(f"Nothing to attribute in sequence {i}: check attr_pos_start/attr_pos_end.")
     return batch.to(wrapper.device)
+
+
+def _tokens(tok, ids: list[int]) -> list[str]:
+    return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+
+
+def build_encoder_decoder_batch(wrapper, input_texts, generated_texts, attr_pos_start, attr_pos_end,
+                                include_eos_baseline, skip_special_tokens, generated_ids) -> Batch:
+    """:func:`build_batch` for encoder-decoder models: sources on the encoder, ``[decoder start] + target``
+    on the decoder."""
+    tok, special = wrapper.tokenizer, wrapper.special_ids
+    add_special = not skip_special_tokens
+    sources = [_encode(tok, t, add_special, False, None) for t in input_texts]
+    if generated_ids is not None:
+        targets = [ids if ids[:1] == [special.bos] else [special.bos] + ids for ids in map(list, generated_ids)]
+    else:
+        targets = [encode_target(wrapper, t, skip_special_tokens) for t in generated_texts]
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        _check_length(wrapper.model, "input_texts", i, s)
+        _check_length(wrapper.model, "generated_texts", i, t)
+    positions = []
+    for i, t in enumerate(targets):
+        first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
+        start = 1 if first is None else max(1, first)
+        end = len(t) if last is None else min(len(t), last + 1)
+        positions.append(list(range(start, end)))
+    src_ids, src_mask = pad_right(sources, special.pad)
+    src_base, _ = pad_right([baseline_ids(s, special, include_eos_baseline) for s in sources], special.pad)
+    tgt_ids, tgt_mask = pad_right(targets, special.pad)
+    # The decoder start token stays itself in the target baseline (inseq keeps BOS there).
+    tgt_base, _ = pad_right(
+        [[special.bos] + baseline_ids(t[1:], special, include_eos_baseline) for t in targets], special.pad
+    )
+    return Batch(tgt_ids, tgt_mask, tgt_base, [_tokens(tok, t) for t in targets], positions,
+                 src_ids, src_mask, src_base, [_tokens(tok, s) for s in sources], prompt_lengths=[1] * len(targets))
+
+
+def build_decoder_only_batch(wrapper, input_texts, generated_texts, attr_pos_start, attr_pos_end,
+                             include_eos_baseline, skip_special_tokens, generated_ids) -> Batch:
+    """:func:`build_batch` for decoder-only models: one sequence, the prompt followed by its continuation."""
+    tok, special = wrapper.tokenizer, wrapper.special_ids
+    add_special = not skip_special_tokens
+    prompts = [_encode(tok, t, add_special, False, special.bos) for t in input_texts]
+    if generated_ids is not None:
+        fulls = [list(ids) for ids in generated_ids]
+        for i, (p, f) in enumerate(zip(prompts, fulls)):
+            if f[: len(p)] != p:
+                raise InvalidInputError(f"generated_ids[{i}] does not start with the ids of its prompt")
+        boundaries = [len(p) for p in prompts]
+    else:
+        fulls = [_encode(tok, t, add_special, False, special.bos) for t in generated_texts]
+        boundaries = [prompt_boundary(tok, prompt, full, p, f, add_special, f"generated_texts[{i}]")
+                      for i, (prompt, full, p, f) in enumerate(zip(input_texts, generated_texts, prompts, fulls))]
+    positions = []
+    for i, (boundary, f) in enumerate(zip(boundaries, fulls)):
+        _check_length(wrapper.model, "generated_texts", i, f)
+        first, last = _position(attr_pos_start, i), _position(attr_pos_end, i)
+        start = boundary if first is None else max(boundary, first)
+        end = len(f) if last is None else min(len(f), last)
+        if start >= end:
+            raise InvalidInputError(
+                f"generated_texts[{i}] adds no token to its prompt within attr_pos_start..attr_pos_end; "
+                "pass a longer continuation or widen the positions."
+            )
+        positions.append(list(range(start, end)))
+    ids, mask = pad_right(fulls, special.pad)
+    base, _ = pad_right([baseline_ids(f, special, include_eos_baseline) for f in fulls], special.pad)
+    return Batch(ids, mask, base, [_tokens(tok, f) for f in fulls], positions, prompt_lengths=boundaries)

@@ -9,13 +9,6 @@ from ..engine import EngineContext, interpolation_chunks
 from .base import AttributionMethod, MethodResult, register_method
 
 
-def _split(grads: list[torch.Tensor], ctx: EngineContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Map per-input results onto (source, target) sides."""
-    if ctx.is_encoder_decoder:
-        return grads[0], grads[1] if len(grads) > 1 else None
-    return None, grads[0]
-
-
 def _gradients_at(ctx: EngineContext, inputs: list[torch.Tensor], repeat: int = 1, at_real_inputs: bool = False,
                   row_weights: list[torch.Tensor | float] | None = None):
     """Forward on ``inputs`` and per-step gradients: a list of ``[R*B, L, N, D]``, one per input
@@ -40,7 +33,7 @@ class Saliency(AttributionMethod):
     def attribute(self, ctx: EngineContext, abs: bool = True, **kwargs) -> MethodResult:
         grads = _gradients_at(ctx, ctx.embeddings(), at_real_inputs=True)
         grads = [g.abs_() if abs else g for g in grads]  # in place: the engine's own tensors
-        return MethodResult(*_split(grads, ctx))
+        return MethodResult(*ctx.split(grads))
 
 
 @register_method
@@ -52,7 +45,7 @@ class InputXGradient(AttributionMethod):
     def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
         inputs = ctx.embeddings()
         grads = _gradients_at(ctx, inputs, at_real_inputs=True)
-        return MethodResult(*_split([_per_step(x) * g for x, g in zip(inputs, grads)], ctx))
+        return MethodResult(*ctx.split([_per_step(x) * g for x, g in zip(inputs, grads)]))
 
 
 def _check_deeplift_applicable(model: torch.nn.Module, name: str) -> None:
@@ -81,7 +74,7 @@ class DeepLift(AttributionMethod):
         grads = _gradients_at(ctx, inputs, at_real_inputs=True)
         if multiply_by_inputs:
             grads = [_per_step(x - b) * g for x, b, g in zip(inputs, baselines, grads)]
-        return MethodResult(*_split(grads, ctx))
+        return MethodResult(*ctx.split(grads))
 
 
 def integrate(
@@ -140,7 +133,7 @@ class IntegratedGradients(AttributionMethod):
         total = integrate(ctx, inputs, baselines, run, n_steps, method, internal_batch_size)
         if multiply_by_inputs:
             total = [g * _per_step(x - b) for g, x, b in zip(total, inputs, baselines)]
-        return MethodResult(*_split(total, ctx))
+        return MethodResult(*ctx.split(total))
 
 
 @register_method
@@ -185,4 +178,4 @@ class GradientShap(AttributionMethod):
                        for n, b in zip(noisy, baselines)]
             grads = _gradients_at(ctx, scaled, len(idx), row_weights=weights)
             total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
-        return MethodResult(*_split([t / n_samples for t in total], ctx))
+        return MethodResult(*ctx.split([t / n_samples for t in total]))

@@ -41,10 +41,5 @@ class AttentionWeights(AttributionMethod):
         positions = ctx.positions
         if ctx.needs_logits:
             ctx.record_step_scores(ctx.step_logits(output.logits))
-        if ctx.is_encoder_decoder:
-            source = _rows_at_steps(torch.stack(output.cross_attentions, 1), positions)
-            target = None
-            if ctx.attribute_target:
-                target = _rows_at_steps(torch.stack(output.decoder_attentions, 1), positions)
-            return MethodResult(source, target)
-        return MethodResult(None, _rows_at_steps(torch.stack(output.attentions, 1), positions))
+        sides = ctx.adapter.attention_rows(output, ctx.attribute_target)
+        return MethodResult(*(None if side is None else _rows_at_steps(torch.stack(side, 1), positions) for side in sides))

@@ -10,9 +10,9 @@ from .gradient import _check_deeplift_applicable, integrate
 
 def _layer_outputs(ctx: EngineContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of the embedding layer for the attributed ids and for the baseline ids."""
-    layer = ctx.model.model.get_input_embeddings()
+    layer = ctx.model.architecture.input_layer()
     with torch.no_grad():
-        return layer(ctx.input_ids()[0]), layer(ctx.baseline_ids()[0])
+        return layer(ctx.attributed_ids()), layer(ctx.attributed_ids(baseline=True))
 
 
 def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int = 1, at_real_inputs: bool = False,
@@ -24,7 +24,7 @@ def _layer_gradients(ctx: EngineContext, layer_output: torch.Tensor, repeat: int
 
 
 def _as_result(ctx: EngineContext, scores: torch.Tensor) -> MethodResult:
-    return MethodResult(scores, None) if ctx.is_encoder_decoder else MethodResult(None, scores)
+    return MethodResult(*ctx.split([scores]))
 
 
 class _LayerMethod(AttributionMethod):

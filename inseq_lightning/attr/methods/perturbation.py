@@ -51,6 +51,4 @@ class Occlusion(AttributionMethod):
         with torch.no_grad():
             initial = ctx.attributed_scores(ctx.forward(inputs), at_real_inputs=True)
         results = [_occlusion_scores(ctx, inputs, baselines, i, positions_per_forward, initial) for i in range(len(inputs))]
-        if ctx.is_encoder_decoder:
-            return MethodResult(results[0], results[1] if len(results) > 1 else None)
-        return MethodResult(None, results[0])
+        return MethodResult(*ctx.split(results))

@@ -1,0 +1,257 @@
+"""The per-step backward: the gradients of every step's score w.r.t. the attributed inputs.
+
+For a causal decoder every step's score comes from one shared forward, and the gradients of all
+steps come from vectorised backwards (``torch.autograd.grad(..., is_grads_batched=True)``), one per
+chunk of steps sized to a memory budget.
+
+The backward is split at the input of the output projection (``lm_head``): each step's score depends
+only on the hidden row that predicts it, so one ordinary backward of the summed scores gives every
+step's gradient at that layer, and only the part below it (``[steps, L, hidden]`` instead of
+``[steps, L, vocab]``) is vectorised. With a 50k vocabulary this removes most of the backward's work
+and memory.
+
+:class:`BackwardStrategy` holds the choices (split point, chunking, weighted sums over integration
+points) and records what each call did, so that tests select and observe them.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MIB = 1024**2
+# Below this a budget saves nothing anyone needs: a tiny model would take one step per backward to
+# stay at inseq's few MiB and lose most of the batching's speed.
+MEMORY_BUDGET_FLOOR_BYTES = 64 * MIB
+# Sharded ranks must chunk identically (every backward is a collective), and a rank's view of the
+# parameters holds only its shard: a fixed budget keeps them in lockstep.
+SHARDED_MEMORY_BUDGET_BYTES = 80 * MIB
+
+
+def default_memory_budget(model: torch.nn.Module) -> int:
+    """What the vectorised backward may add on top of the forward pass: a quarter of the model's
+    parameter memory, and never less than :data:`MEMORY_BUDGET_FLOOR_BYTES` (64 MiB). Batching steps
+    then costs at most a fraction of what holding the model already costs on large models (a 7B model
+    on a GPU batches many steps), and at most 64 MiB on small ones."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(weights // 4, MEMORY_BUDGET_FLOOR_BYTES)
+
+
+@dataclass
+class StepLayout:
+    """Where the steps of a batch are: ``positions``/``valid`` ``[B, N]`` (see ``Batch.step_index``),
+    the padded target length ``T``, and the model's size for the memory estimate."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    target_length: int
+    hidden_size: int
+    num_layers: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.positions.shape[1]
+
+
+@dataclass
+class BackwardRecord:
+    """What one vectorised backward did: how many steps it covered and whether it started at the
+    output projection's input (``split``) or at the scores."""
+
+    steps: int
+    split: bool
+
+
+@dataclass
+class BackwardStrategy:
+    """How the per-step gradients are computed. Pass one to ``attribute(backward_strategy=...)``.
+
+    Args:
+        split_at_head: start the vectorised backward at the output projection's input when the model
+            allows it (a ``Linear`` head, not sharded); False always seeds the scores themselves.
+        steps_per_backward: steps per vectorised backward; None sizes chunks to ``memory_budget_bytes``.
+        memory_budget_bytes: what the vectorised backward may add; None: :func:`default_memory_budget`.
+        sum_points: sum gradients over integration points/samples as each chunk comes (only the sum is
+            held); False keeps every point's gradients and sums them at the end (n_steps times the memory;
+            the same numbers).
+
+    Attributes:
+        records: one :class:`BackwardRecord` per vectorised backward run with this strategy.
+    """
+
+    split_at_head: bool = True
+    steps_per_backward: int | None = None
+    memory_budget_bytes: int | None = None
+    sum_points: bool = True
+    records: list[BackwardRecord] = field(default_factory=list, repr=False)
+
+    def steps_per_chunk(self, layout: StepLayout, rows: int, length: int, budget: int) -> int:
+        """How many steps one vectorised backward covers."""
+        if self.steps_per_backward is not None:
+            return max(1, min(layout.num_steps, self.steps_per_backward))
+        # activations touched per backward, per step
+        per_step = rows * length * layout.hidden_size * max(layout.num_layers, 1) * 4 * 24
+        return max(1, min(layout.num_steps, int(budget // max(per_step, 1))))
+
+
+class HeadRecorder:
+    """Keeps the input of the output projection during a forward: the split point of the backward.
+
+    Not on sharded models: a backward that stops at the head runs FSDP's end-of-backward callback,
+    which reshards the root's parameters that the rest of the backward still needs."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.model, self.enabled = model, enabled
+        self.inputs: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        if not torch.is_grad_enabled():  # e.g. a step function's extra forwards: keep what was recorded
+            yield
+            return
+        self.inputs = []
+        head = self.model.get_output_embeddings()
+        # A Linear maps each row on its own, which is what makes the split exact.
+        if not isinstance(head, torch.nn.Linear) or not self.enabled:
+            yield
+            return
+        handle = head.register_forward_hook(lambda module, args, output: self.inputs.append(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def split_point(self, rows: int, target_length: int) -> torch.Tensor | None:
+        """The output projection's input of the last forward, when the backward can split there:
+        exactly one call, on ``[rows, T', hidden]`` (the last ``T' <= T`` positions), inside the graph."""
+        if len(self.inputs) != 1:
+            return None
+        head = self.inputs[0]
+        if head.ndim != 3 or not head.requires_grad or head.shape[0] != rows or head.shape[1] > target_length:
+            return None
+        return head
+
+
+def step_gradients(
+    strategy: BackwardStrategy,
+    layout: StepLayout,
+    budget: int,
+    scores: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    head: torch.Tensor | None,
+    retain_graph: bool = False,
+    row_weights: Sequence[torch.Tensor | float] | None = None,
+    report: Callable[[range], None] = lambda steps: None,
+) -> list[torch.Tensor]:
+    """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input.
+
+    Args:
+        strategy: the choices (and the record of what was done).
+        layout: where the steps are.
+        budget: the memory budget in bytes (when the strategy does not fix the chunk size).
+        scores: ``[rows, N]`` attributed scores (0 on padding steps).
+        inputs: the tensors to differentiate, each ``[rows, L, ...]``.
+        head: the output projection's input of the forward (:meth:`HeadRecorder.split_point`), or None.
+        retain_graph: keep the graph after the last chunk.
+        row_weights: one per input, broadcastable to it (e.g. ``[R*B, 1, 1]``) or a number: the rows
+            are ``R`` stacked copies of the batch (integration points, samples) and the gradients are
+            weighted and summed over the copies, giving ``[B, L, N, ...]``.
+        report: called with the range of steps after each chunk (progress).
+    """
+    if row_weights is not None and not strategy.sum_points:
+        grads = _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, None, report)
+        out = []
+        for g, w in zip(grads, row_weights):
+            weighted = g * (w.unsqueeze(2) if isinstance(w, torch.Tensor) else w)
+            out.append(weighted.view(-1, layout.batch_size, *g.shape[1:]).sum(0))
+        return out
+    return _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report)
+
+
+def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report):
+    rows, n = scores.shape
+    chunk = strategy.steps_per_chunk(layout, rows, max(t.shape[1] for t in inputs), budget)
+    split = strategy.split_at_head and head is not None
+    if split:
+        # Every step's gradient at the output projection's input, in one ordinary backward. Without
+        # retain_graph this frees what only the part above the head saved (the softmax over the
+        # vocabulary); the part below is not run, so it keeps its buffers.
+        (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=retain_graph)
+        seeds_of = _head_seeds(layout, head_grad)
+        outputs = head
+    else:
+        seeds_of = _score_seeds(rows, n, scores)
+        outputs = scores
+    # Each chunk's gradients go straight into the result, allocated once up front: the heap then
+    # reuses one hole for every chunk's temporary instead of stacking them up beside the graph's
+    # buffers, and there is no join (a second copy) at the end.
+    out_rows = layout.batch_size if row_weights is not None else rows
+    # Sums over integration points accumulate in float32 even for half-precision models.
+    dtypes = [torch.promote_types(x.dtype, torch.float32) if row_weights is not None else x.dtype for x in inputs]
+    results = [x.new_empty((out_rows, x.shape[1], n, *x.shape[2:]), dtype=d) for x, d in zip(inputs, dtypes)]
+    for start in range(0, n, chunk):
+        steps = range(start, min(start + chunk, n))
+        keep = retain_graph or steps.stop < n
+        grads = batched_grad(outputs, inputs, seeds_of(steps), keep)
+        strategy.records.append(BackwardRecord(len(steps), split))
+        for i, (result, g) in enumerate(zip(results, grads)):
+            if g is None:  # an input the scores do not depend on: zero gradient
+                result[:, :, steps.start : steps.stop].zero_()
+                continue
+            if row_weights is not None:  # [steps, R*B, L, D] -> [steps, B, L, D], weighted sum over R
+                g = (g.to(result.dtype) * row_weights[i]).view(len(steps), -1, out_rows, *g.shape[2:]).sum(1)
+            result[:, :, steps.start : steps.stop] = g.movedim(0, 2)  # [steps, rows, L, D] -> [rows, L, steps, D]
+        del grads
+        report(steps)
+    return results
+
+
+def _head_seeds(layout: StepLayout, head_grad: torch.Tensor) -> Callable[[range], torch.Tensor]:
+    """Per-step seeds ``[steps, rows, T, hidden]``: step k keeps only the row that predicts it."""
+    rows, length, _ = head_grad.shape
+    repeat = rows // layout.batch_size
+    predicting = (layout.positions - 1).repeat(repeat, 1).T  # [N, rows]
+    valid = layout.valid.repeat(repeat, 1).T
+    # absolute position of each row of the head's input (the last ``length`` of T)
+    time = torch.arange(length, device=head_grad.device) + (layout.target_length - length)
+    # [N, rows, T, 1]: which row of the head's input predicts each (valid) step
+    pick = ((predicting.unsqueeze(-1) == time) & valid.unsqueeze(-1)).unsqueeze(-1).to(head_grad.dtype)
+    return lambda steps: pick[steps.start : steps.stop] * head_grad
+
+
+def _score_seeds(rows: int, n: int, scores: torch.Tensor) -> Callable[[range], torch.Tensor]:
+    """One-hot seeds ``[steps, rows, N]`` on the scores themselves (no split point)."""
+
+    def seeds(steps: range) -> torch.Tensor:
+        eye = torch.zeros(len(steps), rows, n, dtype=scores.dtype, device=scores.device)
+        for j, k in enumerate(steps):
+            eye[j, :, k] = 1.0
+        return eye
+
+    return seeds
+
+
+def batched_grad(
+    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], grad_outputs: torch.Tensor, retain_graph: bool
+) -> tuple[torch.Tensor, ...]:
+    """Vectorised backward (one pass for many steps); a plain loop where vmap cannot batch an op."""
+    if grad_outputs.shape[0] == 1:  # one step: a plain backward is faster than vmap's batching rules
+        grads = torch.autograd.grad(outputs, list(inputs), grad_outputs=grad_outputs[0], retain_graph=retain_graph,
+                                    allow_unused=True)
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    try:
+        return torch.autograd.grad(
+            outputs, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    except RuntimeError:
+        outs = [
+            torch.autograd.grad(outputs, list(inputs), grad_outputs=g, retain_graph=True, allow_unused=True)
+            for g in grad_outputs
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*outs))

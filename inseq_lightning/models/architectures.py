@@ -1,0 +1,297 @@
+"""Architecture adapters: everything that differs between decoder-only and encoder-decoder models.
+
+The engine, the methods, the step scorer and the output builder ask the adapter and never branch on
+the architecture themselves. An adapter owns:
+
+- **embedding**, with the right table for each side (an encoder-decoder's decoder may have its own)
+  and inseq's scale convention, and the factor that turns attributed target embeddings into what
+  the decoder expects as ``decoder_inputs_embeds``;
+- **the attributed inputs** of a batch (embeddings or, for layer methods, ids) and their baselines;
+- **the forward** from attributed embeddings, from ids with an embedding-layer override, or from
+  plain ids (contrastive inputs);
+- **the mapping of results** to (source, target) sides, attention rows included;
+- **tokenization** of a batch (through :mod:`.tokenization`) and what a generation's ids mean.
+"""
+
+import functools
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from .batch import Batch
+
+
+class ArchitectureAdapter:
+    """The decoder-only/encoder-decoder seam. Build one with :func:`adapter_for`.
+
+    Args:
+        model: the wrapped ``PreTrainedModel``.
+    """
+
+    is_encoder_decoder: bool = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.embed_scale = _scale_to_apply(self._scaled_module())
+
+    def _scaled_module(self) -> torch.nn.Module:
+        return self.model
+
+    # ---- embedding ------------------------------------------------------------------------
+    def input_layer(self) -> torch.nn.Module:
+        """The embedding module the attributed side's ids go through (what layer methods hook)."""
+        return self.model.get_input_embeddings()
+
+    def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, D]`` attributed embeddings (times ``embed_scale``, inseq's convention).
+
+        Args:
+            ids: token ids.
+            as_targets: embed as the target side (an encoder-decoder's decoder table and scale).
+        """
+        return self.input_layer()(ids) * self.embed_scale
+
+    def decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Target-side embeddings from :meth:`embed` as the model expects them as ``inputs_embeds``."""
+        return embeddings
+
+    # ---- attributed inputs ----------------------------------------------------------------
+    def attributed_embeddings(self, batch: Batch, attribute_target: bool, baseline: bool = False) -> list[torch.Tensor]:
+        """The tensors embedding-level methods attribute (one per attributed side).
+
+        Args:
+            batch: the batch.
+            attribute_target: also attribute the target prefix (encoder-decoder only; decoder-only
+                models always attribute their one sequence).
+            baseline: the baseline ids' embeddings instead.
+        """
+        ids = batch.target_baseline_ids if baseline else batch.target_ids
+        return [self.embed(ids)]
+
+    def attributed_ids(self, batch: Batch, baseline: bool = False) -> torch.Tensor:
+        """The ids whose embedding-layer output layer methods attribute."""
+        return batch.target_baseline_ids if baseline else batch.target_ids
+
+    def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-attributed-input results (in :meth:`attributed_embeddings` order) -> (source, target)."""
+        return None, results[0]
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward_embeddings(self, batch: Batch, inputs: Sequence[torch.Tensor], target_embeddings, repeat: int = 1,
+                           **kwargs) -> ModelOutput:
+        """Run the model on attributed embeddings.
+
+        Args:
+            batch: the batch the inputs belong to.
+            inputs: tensors as returned by :meth:`attributed_embeddings` (possibly interpolated), each
+                ``[repeat * B, L, D]``.
+            target_embeddings: a callable returning the (not attributed) target-side embeddings, used
+                by encoder-decoders when the target is not attributed.
+            repeat: how many stacked copies of the batch the inputs hold.
+            **kwargs: passed to the model's forward.
+        """
+        return self.model(inputs_embeds=inputs[0], attention_mask=batch.target_mask.repeat(repeat, 1), **kwargs)
+
+    def forward_ids_with_layer(self, batch: Batch, layer_output: torch.Tensor, target_embeddings, repeat: int = 1,
+                               **kwargs) -> ModelOutput:
+        """Run the model from ids, the input embedding layer's output replaced by ``layer_output``."""
+        layer = self.input_layer()
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            return self.model(input_ids=batch.target_ids.repeat(repeat, 1),
+                              attention_mask=batch.target_mask.repeat(repeat, 1), **kwargs)
+        finally:
+            handle.remove()
+
+    def forward_ids(self, target_ids: torch.Tensor, target_mask: torch.Tensor, source_ids: torch.Tensor | None = None,
+                    source_mask: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        """A plain forward from ids (contrastive inputs), the target side fed as the model expects it."""
+        return self.model(input_ids=target_ids, attention_mask=target_mask, **kwargs)
+
+    def attention_rows(self, output: ModelOutput, attribute_target: bool) -> tuple[Any, Any]:
+        """The per-layer attention tuples read as (source, target) attributions."""
+        return None, output.attentions
+
+    # ---- tokens ---------------------------------------------------------------------------
+    def input_bos(self, special_ids) -> int | None:
+        """The BOS id that chat-templated inputs may carry twice (decoder-only prompts only)."""
+        return special_ids.bos
+
+    def encode_target(self, wrapper, text: str, skip_special_tokens: bool) -> list[int]:
+        """The target-side ids of ``text`` as a batch holds them (decoder-only: the full text)."""
+        from .tokenization import encode_input
+
+        return encode_input(wrapper, text, skip_special_tokens)
+
+    def build_batch(self, wrapper, *args, **kwargs) -> Batch:
+        from .tokenization import build_decoder_only_batch
+
+        return build_decoder_only_batch(wrapper, *args, **kwargs)
+
+    def generation_text(self, wrapper, input_text: str, ids: list[int], skip_special_tokens: bool) -> str:
+        """The text of a generation's ids: the prompt followed by the decoded continuation."""
+        from .tokenization import encode_input
+
+        prompt = encode_input(wrapper, input_text, skip_special_tokens)
+        return input_text + wrapper.tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+
+    def source_side(self, batch: Batch, index: int, source: torch.Tensor | None, target_tokens: list, start: int,
+                    steps: int, token_cls) -> tuple[list, torch.Tensor | None]:
+        """Source tokens and source attributions of sequence ``index`` (decoder-only: the target
+        tokens before the first attributed step, no separate scores)."""
+        return target_tokens[:start], None
+
+    def check_generated_text(self, index: int, prompt: str, full: str) -> str | None:
+        """Why ``full`` cannot be the target of ``prompt`` (None when it can)."""
+        if not full.startswith(prompt):
+            return (f"generated_texts[{index}] does not start with its prompt; pass the full text (prompt + "
+                    "continuation) or use an encoder-decoder model")
+        return None
+
+
+class EncoderDecoderAdapter(ArchitectureAdapter):
+    """Source side: the encoder's input embeddings; target side: the decoder's (own table)."""
+
+    is_encoder_decoder = True
+
+    def _scaled_module(self) -> torch.nn.Module:
+        return self.model.get_encoder()
+
+    def input_layer(self) -> torch.nn.Module:
+        # The encoder's own module: transformers 5 ties T5/BART/mBART/M2M100/Pegasus embeddings by
+        # weight only, and the ``shared`` module get_input_embeddings() returns is never called.
+        return self.model.get_encoder().get_input_embeddings()
+
+    @functools.cached_property
+    def _decoder_side(self) -> tuple[torch.nn.Module, float, float]:
+        """The decoder's own embedding table, the scale of the embeddings attributed on the target side
+        (inseq's: the decoder's ``embed_scale``, as on the source side), and the factor that turns them
+        into what the decoder expects as ``decoder_inputs_embeds``.
+
+        Marian's and Pegasus's decoders multiply the ``decoder_inputs_embeds`` they are given by
+        ``embed_scale`` themselves (their encoders only scale ids they embed): fed the scaled
+        embeddings as they are, the decoder saw them scaled twice, 9-15% off the model's own step
+        scores (inseq 0.7.1 does that). The factor undoes the decoder's own scaling."""
+        decoder = self.model.get_decoder()
+        table = getattr(decoder, "embed_tokens", None)
+        table = table if isinstance(table, torch.nn.Module) else self.model.get_input_embeddings()
+        own = getattr(decoder, "embed_scale", None)
+        scale = float(own) if own is not None else self.embed_scale
+        given = 1.0 / scale if own is not None and _scales_given_embeddings(type(decoder)) else 1.0
+        return table, scale, given
+
+    def embed(self, ids: torch.Tensor, as_targets: bool = False) -> torch.Tensor:
+        if as_targets:
+            table, scale, _ = self._decoder_side
+            return table(ids) * scale
+        return super().embed(ids)
+
+    def decoder_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        factor = self._decoder_side[2]
+        return embeddings if factor == 1.0 else embeddings * factor
+
+    def attributed_embeddings(self, batch: Batch, attribute_target: bool, baseline: bool = False) -> list[torch.Tensor]:
+        source = batch.source_baseline_ids if baseline else batch.source_ids
+        out = [self.embed(source)]
+        if attribute_target:
+            out.append(self.embed(batch.target_baseline_ids if baseline else batch.target_ids, as_targets=True))
+        return out
+
+    def attributed_ids(self, batch: Batch, baseline: bool = False) -> torch.Tensor:
+        return batch.source_baseline_ids if baseline else batch.source_ids
+
+    def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return results[0], results[1] if len(results) > 1 else None
+
+    def forward_embeddings(self, batch: Batch, inputs: Sequence[torch.Tensor], target_embeddings, repeat: int = 1,
+                           **kwargs) -> ModelOutput:
+        source = inputs[0]
+        target = inputs[1] if len(inputs) > 1 else target_embeddings()
+        if target.shape[0] != source.shape[0]:
+            target = target.repeat(repeat, 1, 1)
+        return self.model(
+            inputs_embeds=source,
+            attention_mask=batch.source_mask.repeat(repeat, 1),
+            decoder_inputs_embeds=self.decoder_input(target),
+            decoder_attention_mask=batch.target_mask.repeat(repeat, 1),
+            **kwargs,
+        )
+
+    def forward_ids_with_layer(self, batch: Batch, layer_output: torch.Tensor, target_embeddings, repeat: int = 1,
+                               **kwargs) -> ModelOutput:
+        # Decoder embeddings are computed before the hook exists: the layer may be shared.
+        decoder_embeds = target_embeddings()
+        layer = self.input_layer()
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            return self.model(
+                input_ids=batch.source_ids.repeat(repeat, 1),
+                attention_mask=batch.source_mask.repeat(repeat, 1),
+                decoder_inputs_embeds=self.decoder_input(decoder_embeds.repeat(repeat, 1, 1)),
+                decoder_attention_mask=batch.target_mask.repeat(repeat, 1),
+                **kwargs,
+            )
+        finally:
+            handle.remove()
+
+    def forward_ids(self, target_ids: torch.Tensor, target_mask: torch.Tensor, source_ids: torch.Tensor | None = None,
+                    source_mask: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        # The decoder side goes in as embeddings, exactly as attribution feeds it (same numbers).
+        return self.model(input_ids=source_ids, attention_mask=source_mask,
+                          decoder_inputs_embeds=self.decoder_input(self.embed(target_ids, as_targets=True)),
+                          decoder_attention_mask=target_mask, **kwargs)
+
+    def attention_rows(self, output: ModelOutput, attribute_target: bool) -> tuple[Any, Any]:
+        return output.cross_attentions, output.decoder_attentions if attribute_target else None
+
+    def input_bos(self, special_ids) -> int | None:
+        return None
+
+    def encode_target(self, wrapper, text: str, skip_special_tokens: bool) -> list[int]:
+        from .tokenization import encode_as_target
+
+        return [wrapper.special_ids.bos] + encode_as_target(wrapper, text, skip_special_tokens)
+
+    def build_batch(self, wrapper, *args, **kwargs) -> Batch:
+        from .tokenization import build_encoder_decoder_batch
+
+        return build_encoder_decoder_batch(wrapper, *args, **kwargs)
+
+    def generation_text(self, wrapper, input_text: str, ids: list[int], skip_special_tokens: bool) -> str:
+        return wrapper.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def source_side(self, batch: Batch, index: int, source: torch.Tensor | None, target_tokens: list, start: int,
+                    steps: int, token_cls) -> tuple[list, torch.Tensor | None]:
+        length = int(batch.source_mask[index].sum())
+        tokens = [token_cls(t, int(x)) for t, x in zip(batch.source_tokens[index], batch.source_ids[index].tolist())]
+        return tokens[:length], (source[index, :length, :steps] if source is not None else None)
+
+    def check_generated_text(self, index: int, prompt: str, full: str) -> str | None:
+        return None
+
+
+def adapter_for(model: torch.nn.Module) -> ArchitectureAdapter:
+    """The adapter of ``model``'s architecture (from its config)."""
+    return EncoderDecoderAdapter(model) if model.config.is_encoder_decoder else ArchitectureAdapter(model)
+
+
+_SCALES_GIVEN_EMBEDDINGS = re.compile(r"^\s*inputs_embeds\s*(=\s*inputs_embeds\s*\*|\*=)\s*self\.embed_scale", re.MULTILINE)
+
+
+@functools.cache
+def _scales_given_embeddings(module_type: type) -> bool:
+    """Whether ``module_type.forward`` multiplies the ``inputs_embeds`` it is given by ``embed_scale``."""
+    try:
+        return bool(_SCALES_GIVEN_EMBEDDINGS.search(inspect.getsource(module_type.forward)))
+    except (OSError, TypeError):
+        return False
+
+
+def _scale_to_apply(module: torch.nn.Module) -> float:
+    """inseq's embedding scale of ``module``'s side: its ``embed_scale`` attribute when there is one."""
+    scale = getattr(module, "embed_scale", None)
+    return float(scale) if scale is not None else 1.0
