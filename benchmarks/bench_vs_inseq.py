@@ -23,8 +23,11 @@ THREADS = 2
 
 WORKLOADS = {
     "tiny": "tiny GPT-2 (2x64), saliency + probability",
+    "tiny-contrastive": "tiny GPT-2 (2x64), saliency of contrast_prob_diff (one contrast target)",
+    "medium": "GPT-2 6x256, 50+50 tokens, input_x_gradient + probability",
     "small": "GPT-2-small shape (12x768), saliency + probability",
     "small-vocab": "GPT-2-small shape, GPT-2's 50257-token vocabulary, saliency + probability",
+    "small-vocab-50": "GPT-2-small shape, 50257-token vocabulary, 50+50 tokens, saliency + probability",
     "tiny-attention": "tiny GPT-2 (2x64), attention",
     "tiny-attention-scores": "tiny GPT-2 (2x64), attention + probability (inseq: attention, then dummy for the scores)",
     "small-vocab-attention": "GPT-2-small shape, 50257-token vocabulary, attention",
@@ -40,55 +43,98 @@ METHOD_WORKLOADS = {
 }
 
 
+TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+# The contrast target's continuation (after the same prompt), worded differently.
+CONTRAST = " the cat sat on the mat and looked at the dog. Hello world, this is a tiny corpus for a tiny tokenizer."
+LONG = ("medium", "small-vocab-50")  # 50-token prompt + 50 forced tokens; the others: 20 + 20
+# Workloads whose attributions are compared between the libraries (printed, after the warm-up run).
+PARITY_CHECKED = ("tiny-contrastive",)
+
+
 def workload(name: str):
+    """``(model, tokenizer, calls, method, kwargs)``: ``calls[key]`` holds the positional arguments
+    of ``attribute`` (prompt, full text) and its per-text keyword arguments; ``kwargs`` the others."""
     from inseq_lightning.tiny_models import gpt2_tokenizer, tiny_gpt2
 
     if name.startswith("small-vocab"):  # the real GPT-2 output layer: 50257 x 768 (ids stay in the trained 400)
         model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
     elif name.startswith("small"):
         model, tok = tiny_gpt2(n_layer=12, n_embd=768, n_head=12)
+    elif name == "medium":
+        model, tok = tiny_gpt2(n_layer=6, n_embd=256, n_head=8)
     else:
         model, tok = tiny_gpt2()
-    ids = gpt2_tokenizer()(" ".join(["the quick brown fox jumps over the lazy dog"] * 6))["input_ids"]
-    texts = {"full": (tok.decode(ids[:20]), tok.decode(ids[:40])),
-             "warm-up": (tok.decode(ids[:4]), tok.decode(ids[:6]))}
+    ids, contrast_ids = gpt2_tokenizer()(TEXT)["input_ids"], gpt2_tokenizer()(CONTRAST)["input_ids"]
+    n = 50 if name in LONG else 20
+    calls = {}
+    for key, (prompt, forced) in {"full": (n, n), "warm-up": (4, 2)}.items():
+        texts, per_text = (tok.decode(ids[:prompt]), tok.decode(ids[:prompt + forced])), {}
+        if name.endswith("contrastive"):
+            per_text["contrast_targets"] = tok.decode(ids[:prompt] + contrast_ids[:forced])
+        calls[key] = (texts, per_text)
+    if name.endswith("contrastive"):
+        return model, tok, calls, "saliency", {"attributed_fn": "contrast_prob_diff"}
     if name in METHOD_WORKLOADS:
-        return model, tok, texts, name.removeprefix("tiny-"), ["probability"]
-    method = "attention" if "attention" in name else "saliency"
-    step_scores = [] if name.endswith("attention") else ["probability"]
-    return model, tok, texts, method, step_scores
+        return model, tok, calls, name.removeprefix("tiny-"), {"step_scores": ["probability"]}
+    method = "input_x_gradient" if name == "medium" else "attention" if "attention" in name else "saliency"
+    return model, tok, calls, method, {"step_scores": [] if name.endswith("attention") else ["probability"]}
 
 
-def runners(name: str, texts_key: str = "full"):
-    """``{library: run}`` on the same model weights; ``run(key)`` attributes ``texts[key]``."""
+def runners(name: str):
+    """``{library: run}`` on the same model weights; ``run(key)`` attributes ``calls[key]``."""
     import inseq
 
     import inseq_lightning as il
 
-    model, tok, texts, method, step_scores = workload(name)
+    model, tok, calls, method, kwargs = workload(name)
     ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("eager")
     ours = il.load_model(model, method, tokenizer=tok)
     ref = inseq.load_model(ref_model, method, tokenizer=copy.deepcopy(tok))
 
+    def run_ours(key="full"):
+        texts, per_text = calls[key]
+        return ours.attribute(*texts, **per_text, **kwargs, show_progress=False)
+
     def run_ref(key="full"):
-        if method == "attention" and step_scores:
+        texts, per_text = calls[key]
+        if method == "attention" and kwargs["step_scores"]:
             # inseq 0.7.1 refuses step scores with attention (a "final step" method) and says to
             # compute them separately with method="dummy": that is what a user of it has to run.
-            ref.attribute(*texts[key], show_progress=False)
-            return ref.attribute(*texts[key], method="dummy", step_scores=step_scores, show_progress=False)
-        return ref.attribute(*texts[key], step_scores=step_scores, show_progress=False)
+            ref.attribute(*texts, show_progress=False)
+            return ref.attribute(*texts, method="dummy", **kwargs, show_progress=False)
+        return ref.attribute(*texts, **per_text, **kwargs, show_progress=False)
 
-    return {
-        "inseq-lightning": lambda key="full": ours.attribute(*texts[key], step_scores=step_scores, show_progress=False),
-        "inseq": run_ref,
-    }
+    return {"inseq-lightning": run_ours, "inseq": run_ref}
+
+
+def max_difference(ours, ref) -> float:
+    """Largest difference between the step-wise aggregated attributions of the two outputs (inf
+    where one has a value and the other none, or the tokens differ)."""
+    a, b = ours[0].aggregate(), ref[0].aggregate()
+    if [t.token for t in a.target] != [t.token for t in b.target]:
+        return float("inf")
+    worst = 0.0
+    for side in ("source_attributions", "target_attributions"):
+        x, y = getattr(a, side), getattr(b, side)
+        if x is None or y is None:
+            if (x is None) != (y is None):
+                return float("inf")
+            continue
+        x, y = x.double(), y.double()
+        if x.shape != y.shape or not torch.equal(x.isnan(), y.isnan()):
+            return float("inf")
+        worst = max(worst, (x - y).nan_to_num().abs().max().item())
+    return worst
 
 
 def time_workload(name: str, repeats: int) -> dict[str, float]:
     run = runners(name)
-    for fn in run.values():  # warm-up
-        fn()
+    outputs = {key: fn() for key, fn in run.items()}  # warm-up
+    if name in PARITY_CHECKED:
+        diff = max_difference(outputs["inseq-lightning"], outputs["inseq"])
+        print(f"{name}: aggregated attributions, largest difference from inseq {diff:.1e} "
+              f"({'within' if diff <= 1e-4 else 'NOT within'} 1e-4)", flush=True)
     times = {k: [] for k in run}
     for _ in range(repeats):
         for key, fn in run.items():  # alternate so that machine noise hits both
@@ -177,8 +223,8 @@ def main() -> None:
         ref, ours = t["inseq"], t["inseq-lightning"]
         rows.append((known[key], ref, ours, ref / ours, rss["inseq"], rss["inseq-lightning"], tensors["inseq"],
                      tensors["inseq-lightning"]))
-    print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens; median of {args.repeats} alternating runs; "
-          f"memory: median of {args.memory_repeats} fresh processes\n")
+    print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens unless the row says 50+50; median of "
+          f"{args.repeats} alternating runs; memory: median of {args.memory_repeats} fresh processes\n")
     print("| workload | inseq 0.7.1 (s) | inseq-lightning (s) | speed-up | peak RSS MiB inseq | peak RSS MiB ours "
           "| peak tensors MiB inseq | peak tensors MiB ours |")
     print("|---|---|---|---|---|---|---|---|")

@@ -55,3 +55,42 @@ def test_step_scores_equal_the_models_own_forward(kind):
     expected = torch.stack([probs[i - 1, decoder_ids[0, i]] for i in range(seq.attr_pos_start, seq.attr_pos_end)])
     assert torch.allclose(seq.step_scores["probability"], expected, rtol=1e-5, atol=1e-9), (
         seq.step_scores["probability"], expected)
+
+
+def test_a_decoder_with_its_own_embedding_table_is_embedded_from_it():
+    """Marian with ``share_encoder_decoder_embeddings=False``: the decoder has its own table. The
+    target side is embedded from it (attributed and fed), the source side from the encoder's; step
+    scores equal the model's own forward, and attribute_target's maps are the gradients w.r.t. the
+    decoder table's embeddings (checked against autograd on the model's own forward)."""
+    tok = marian_tokenizer()
+    torch.manual_seed(0)
+    model = MarianMTModel(MarianConfig(vocab_size=len(tok), scale_embedding=True, share_encoder_decoder_embeddings=False,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       decoder_start_token_id=tok.pad_token_id, **SIZES)).eval()
+    encoder_table, decoder_table = model.get_encoder().embed_tokens, model.get_decoder().embed_tokens
+    assert encoder_table.weight.data_ptr() != decoder_table.weight.data_ptr()
+    with torch.no_grad():
+        decoder_table.weight.mul_(3.0)  # make the two tables visibly different
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    ids = torch.tensor([[5, 6, 7]])
+    scale = model.get_encoder().embed_scale
+    torch.testing.assert_close(am.embed(ids, as_targets=True), decoder_table(ids) * scale)
+    torch.testing.assert_close(am.embed(ids), encoder_table(ids) * scale)
+    seq = am.attribute("Hello world", "Le chat est noir", step_scores=["probability"], attribute_target=True,
+                       show_progress=False)[0]
+    source_ids = torch.tensor([[t.id for t in seq.source]])
+    decoder_ids = torch.tensor([[t.id for t in seq.target]])
+    probs = model(input_ids=source_ids, decoder_input_ids=decoder_ids).logits[0].softmax(-1)
+    positions = range(seq.attr_pos_start, seq.attr_pos_end)
+    expected = torch.stack([probs[i - 1, decoder_ids[0, i]] for i in positions]).detach()
+    torch.testing.assert_close(seq.step_scores["probability"], expected, rtol=1e-5, atol=1e-9)
+    # ground truth for the target-side map of the first step: autograd through the decoder's own table
+    decoder_embeds = (decoder_table(decoder_ids) * scale).detach().requires_grad_(True)
+    hooked = model.get_decoder().embed_tokens
+    handle = hooked.register_forward_hook(lambda module, args, output: decoder_embeds / scale * 1.0)
+    try:
+        p = model(input_ids=source_ids, decoder_input_ids=decoder_ids).logits[0, 0].softmax(-1)[decoder_ids[0, 1]]
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(p, decoder_embeds)
+    torch.testing.assert_close(seq.target_attributions[:1, 0], grad[0, :1].abs(), rtol=1e-4, atol=1e-8)

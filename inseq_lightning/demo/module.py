@@ -8,13 +8,13 @@ from torch.utils.data import DataLoader
 class PairsCollator:
     """Right-padded batches; the loss covers the answer tokens only (prompt labels are -100)."""
 
-    def __init__(self, tokenizer, is_encoder_decoder: bool, pad_id: int):
-        self.tokenizer, self.is_encoder_decoder, self.pad_id = tokenizer, is_encoder_decoder, pad_id
+    def __init__(self, tokenizer, seq2seq: bool, pad_id: int):
+        self.tokenizer, self.seq2seq, self.pad_id = tokenizer, seq2seq, pad_id
 
     def __call__(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         inputs, labels = [], []
         for prompt, answer in pairs:
-            if self.is_encoder_decoder:
+            if self.seq2seq:
                 inputs.append(self.tokenizer(prompt)["input_ids"])
                 labels.append(self.tokenizer(text_target=answer)["input_ids"])
             else:

@@ -116,6 +116,21 @@ class ArchitectureAdapter:
         """The per-layer attention tuples read as (source, target) attributions."""
         return None, output.attentions
 
+    # ---- inseq's model API (for step functions written against inseq's internals) ----------
+    def inseq_formatter(self) -> Any:
+        """inseq's input formatter class for this architecture (needs inseq installed)."""
+        try:
+            from inseq.models.decoder_only import DecoderOnlyInputFormatter
+        except ImportError as error:
+            raise _needs_inseq() from error
+        return DecoderOnlyInputFormatter
+
+    def forward_inseq_batch(self, batch, use_embeddings: bool, **kwargs) -> ModelOutput:
+        """inseq's ``get_forward_output`` on one of inseq's batches."""
+        return self.model(input_ids=None if use_embeddings else batch.input_ids,
+                          inputs_embeds=batch.input_embeds if use_embeddings else None,
+                          attention_mask=batch.attention_mask, **kwargs)
+
     # ---- tokens ---------------------------------------------------------------------------
     def input_bos(self, special_ids) -> int | None:
         """The BOS id that chat-templated inputs may carry twice (decoder-only prompts only)."""
@@ -248,6 +263,20 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
     def attention_rows(self, output: ModelOutput, attribute_target: bool) -> tuple[Any, Any]:
         return output.cross_attentions, output.decoder_attentions if attribute_target else None
 
+    def inseq_formatter(self) -> Any:
+        try:
+            from inseq.models.encoder_decoder import EncoderDecoderInputFormatter
+        except ImportError as error:
+            raise _needs_inseq() from error
+        return EncoderDecoderInputFormatter
+
+    def forward_inseq_batch(self, batch, use_embeddings: bool, **kwargs) -> ModelOutput:
+        return self.model(input_ids=None if use_embeddings else batch.source_ids,
+                          inputs_embeds=batch.source_embeds if use_embeddings else None,
+                          attention_mask=batch.source_mask,
+                          decoder_inputs_embeds=self.decoder_input(batch.target_embeds),
+                          decoder_attention_mask=batch.target_mask, **kwargs)
+
     def input_bos(self, special_ids) -> int | None:
         return None
 
@@ -272,6 +301,13 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
 
     def check_generated_text(self, index: int, prompt: str, full: str) -> str | None:
         return None
+
+
+def _needs_inseq() -> Exception:
+    from ..errors import InvalidInputError
+
+    return InvalidInputError("This step function uses inseq's input formatter (args.attribution_model.formatter): "
+                             "install inseq (pip install --no-deps inseq==0.7.1)")
 
 
 def adapter_for(model: torch.nn.Module) -> ArchitectureAdapter:

@@ -66,28 +66,11 @@ class InseqModelAPI:
     @property
     def formatter(self) -> Any:
         """inseq's input formatter for this architecture (needs inseq installed)."""
-        try:
-            if self.is_encoder_decoder:
-                from inseq.models.encoder_decoder import EncoderDecoderInputFormatter as formatter
-            else:
-                from inseq.models.decoder_only import DecoderOnlyInputFormatter as formatter
-        except ImportError as error:
-            raise InvalidInputError("This step function uses inseq's input formatter (args.attribution_model."
-                                    "formatter): install inseq (pip install --no-deps inseq==0.7.1)") from error
-        return formatter
+        return self.architecture.inseq_formatter()
 
     def get_forward_output(self, batch, use_embeddings: bool = True, **kwargs):
         """inseq's ``get_forward_output`` on one of inseq's batches, the decoder side fed as the model expects."""
-        kwargs = {**self.forward_defaults, **kwargs}
-        if not self.is_encoder_decoder:
-            return self.model(input_ids=None if use_embeddings else batch.input_ids,
-                              inputs_embeds=batch.input_embeds if use_embeddings else None,
-                              attention_mask=batch.attention_mask, **kwargs)
-        return self.model(input_ids=None if use_embeddings else batch.source_ids,
-                          inputs_embeds=batch.source_embeds if use_embeddings else None,
-                          attention_mask=batch.source_mask,
-                          decoder_inputs_embeds=self.architecture.decoder_input(batch.target_embeds),
-                          decoder_attention_mask=batch.target_mask, **kwargs)
+        return self.architecture.forward_inseq_batch(batch, use_embeddings, **{**self.forward_defaults, **kwargs})
 
 
 def _encoding_class():

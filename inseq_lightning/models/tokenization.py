@@ -29,11 +29,12 @@ class SpecialIds:
         pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else tokenizer.pad_token_id
         if pad is None:
             pad = eos
-        bos = getattr(config, "decoder_start_token_id", None) if config.is_encoder_decoder else None
+        seq2seq = bool(config.is_encoder_decoder)
+        bos = getattr(config, "decoder_start_token_id", None) if seq2seq else None
         if bos is None:
             bos = getattr(config, "bos_token_id", None)
             bos = tokenizer.bos_token_id if bos is None else bos
-        if pad is None and not config.is_encoder_decoder:
+        if pad is None and not seq2seq:
             pad = bos
         unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else pad
         if pad is None or unk is None:
@@ -42,7 +43,7 @@ class SpecialIds:
                 "padding: set one, e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the "
                 "model's embeddings, or set model.config.pad_token_id."
             )
-        if config.is_encoder_decoder and bos is None:
+        if seq2seq and bos is None:
             raise TokenizerError("The model config has no decoder_start_token_id or bos_token_id; set one.")
         return cls(bos=bos, eos=eos, pad=pad, unk=unk)
 
