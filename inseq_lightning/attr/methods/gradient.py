@@ -26,7 +26,12 @@ def _per_step(x: torch.Tensor) -> torch.Tensor:
 
 @register_method
 class Saliency(AttributionMethod):
-    """``|d f / d e|`` (captum ``Saliency`` with ``abs=True``)."""
+    """``|d f / d e|`` (captum ``Saliency`` with ``abs=True``).
+
+    Args:
+        ctx: the engine context of one batch.
+        abs: absolute value of the gradients (captum's default for saliency).
+    """
 
     name = "saliency"
 
@@ -38,7 +43,11 @@ class Saliency(AttributionMethod):
 
 @register_method
 class InputXGradient(AttributionMethod):
-    """``e * d f / d e`` (signed)."""
+    """``e * d f / d e`` (signed).
+
+    Args:
+        ctx: the engine context of one batch.
+    """
 
     name = "input_x_gradient"
 
@@ -64,6 +73,10 @@ class DeepLift(AttributionMethod):
     Transformer language models apply their non-linearities as functions or custom modules
     (GELU, SiLU), none of which captum's rescale rule rewrites, so DeepLIFT equals
     ``(e - e') * d f / d e`` at the input; models with rewritten modules are refused.
+
+    Args:
+        ctx: the engine context of one batch.
+        multiply_by_inputs: multiply by ``e - e'`` (global attribution); False gives the multipliers.
     """
 
     name = "deeplift"
@@ -112,7 +125,16 @@ def integrate(
 @register_method
 class IntegratedGradients(AttributionMethod):
     """captum ``IntegratedGradients`` (``n_steps=50``, ``method="gausslegendre"``), from the UNK
-    baseline; every integration point is one forward shared by all steps."""
+    baseline; every integration point is one forward shared by all steps.
+
+    Args:
+        ctx: the engine context of one batch.
+        n_steps: integration points.
+        method: captum's approximation method (``gausslegendre``, ``riemann_left``, ``riemann_right``,
+            ``riemann_middle``, ``riemann_trapezoid``).
+        internal_batch_size: rows per forward (points x sequences); None runs all points in one forward.
+        multiply_by_inputs: multiply the integrated gradients by ``input - baseline``.
+    """
 
     name = "integrated_gradients"
 
@@ -141,7 +163,16 @@ class GradientShap(AttributionMethod):
     """captum ``GradientShap``: the mean over ``n_samples`` random points ``b + a (x + noise - b)``,
     ``a ~ U(0, 1)``, of ``(x + noise - b) * d f``. One uniform draw per sample and sequence is
     shared by all steps of that sequence (inseq draws one per step), so numbers agree with inseq's
-    in expectation, not draw for draw. ``seed`` makes runs repeatable without touching global RNG."""
+    in expectation, not draw for draw. ``seed`` makes runs repeatable without touching global RNG.
+
+    Args:
+        ctx: the engine context of one batch.
+        n_samples: random points per sequence.
+        stdevs: standard deviation of the Gaussian noise added to the inputs.
+        seed: seed of the method's own generator (None: drawn from torch's global RNG).
+        multiply_by_inputs: multiply by ``x + noise - b``.
+        internal_batch_size: rows per forward (samples x sequences); None runs all samples at once.
+    """
 
     name = "gradient_shap"
 

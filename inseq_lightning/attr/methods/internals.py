@@ -19,7 +19,12 @@ def _rows_at_steps(attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 @register_method
 class AttentionWeights(AttributionMethod):
     """Attention of the predicting position over its keys, per layer and head. Models loaded with
-    SDPA or flash attention are switched to eager for the pass and switched back."""
+    SDPA or flash attention are switched to eager for the pass and switched back.
+
+    Args:
+        ctx: the engine context of one batch. Results are ``[B, keys, N, layers, heads]`` (aggregated
+            by default as the mean over heads, then over layers).
+    """
 
     name = "attention"
     granularity = "multidimensional"

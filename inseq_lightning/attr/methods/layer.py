@@ -33,7 +33,15 @@ class _LayerMethod(AttributionMethod):
 
 @register_method
 class LayerIntegratedGradients(_LayerMethod):
-    """captum ``LayerIntegratedGradients`` on the embedding layer (UNK baseline ids)."""
+    """captum ``LayerIntegratedGradients`` on the embedding layer (UNK baseline ids).
+
+    Args:
+        ctx: the engine context of one batch.
+        n_steps: integration points.
+        method: captum's approximation method.
+        internal_batch_size: rows per forward (points x sequences); None runs all points in one forward.
+        multiply_by_inputs: multiply by ``layer(input) - layer(baseline)``.
+    """
 
     name = "layer_integrated_gradients"
 
@@ -59,7 +67,12 @@ class LayerIntegratedGradients(_LayerMethod):
 
 @register_method
 class LayerGradientXActivation(_LayerMethod):
-    """captum ``LayerGradientXActivation`` on the embedding layer: ``a * d f / d a``."""
+    """captum ``LayerGradientXActivation`` on the embedding layer: ``a * d f / d a``.
+
+    Args:
+        ctx: the engine context of one batch.
+        multiply_by_inputs: multiply by the activation; False gives the gradients.
+    """
 
     name = "layer_gradient_x_activation"
 
@@ -71,7 +84,12 @@ class LayerGradientXActivation(_LayerMethod):
 
 @register_method
 class LayerDeepLift(_LayerMethod):
-    """captum ``LayerDeepLift`` on the embedding layer: ``(a - a') * d f / d a`` (see ``deeplift``)."""
+    """captum ``LayerDeepLift`` on the embedding layer: ``(a - a') * d f / d a`` (see ``deeplift``).
+
+    Args:
+        ctx: the engine context of one batch.
+        multiply_by_inputs: multiply by ``a - a'``; False gives the multipliers.
+    """
 
     name = "layer_deeplift"
 
