@@ -114,3 +114,23 @@ def test_inseq_callables_get_inseqs_per_step_arguments(hf_models):
         assert embeds == (1, position, model.config.n_embd) and target == [ids[position]]
         assert logits == (1, 1, model.config.vocab_size)
     assert out.step_scores["spy_args"].tolist() == [float(i) for i in ids[out.attr_pos_start:]]
+
+
+def test_inseqs_top_p_size_and_mc_dropout_callables_run_here(hf_models):
+    """inseq's ``top_p_size_fn`` (one count per call: right one row at a time, which is how a
+    registered function is called here for one sequence) gives inseq's counts; inseq's
+    ``mc_dropout_prob_avg_fn`` switches the model to train mode through ``args.attribution_model``:
+    it runs, gives finite z-scores, and every submodule's mode is back afterwards."""
+    il.register_step_function(inseq_steps.top_p_size_fn, "inseq_top_p_size", overwrite=True)
+    il.register_step_function(inseq_steps.mc_dropout_prob_avg_fn, "inseq_mc_dropout", overwrite=True)
+    model, tok = hf_models["gpt2"]
+    model = copy.deepcopy(model).eval()
+    texts = ("Hello world", "Hello world, this is a cat")
+    ours = il.load_model(model, "saliency", tokenizer=tok).attribute(
+        *texts, step_scores=["inseq_top_p_size", "top_p_size", "inseq_mc_dropout"], top_p=0.5, show_progress=False)[0]
+    ref = inseq.load_model(inseq_reference(model), "saliency", tokenizer=copy.deepcopy(tok)).attribute(
+        *texts, step_scores=["top_p_size"], top_p=0.5, show_progress=False)[0]
+    assert ours.step_scores["inseq_top_p_size"].tolist() == ref.step_scores["top_p_size"].float().tolist()
+    assert ours.step_scores["top_p_size"].tolist() == ref.step_scores["top_p_size"].float().tolist()
+    assert torch.isfinite(ours.step_scores["inseq_mc_dropout"]).all()
+    assert not any(m.training for m in model.modules())

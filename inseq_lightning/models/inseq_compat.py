@@ -63,6 +63,15 @@ class InseqModelAPI:
             inputs = self.encode(inputs, as_targets, add_special_tokens=add_special_tokens).input_ids
         return self.architecture.embed(inputs, as_targets=as_targets)
 
+    def train(self, mode: bool = True):
+        """Switch the wrapped model's mode (inseq's ``mc_dropout_prob_avg_fn`` does); ``attribute()``
+        puts every submodule's mode back when it returns."""
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
     @property
     def formatter(self) -> Any:
         """inseq's input formatter for this architecture (needs inseq installed)."""

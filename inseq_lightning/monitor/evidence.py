@@ -1,5 +1,10 @@
-"""Map a probe's evidence (character spans of the prompt) to the rows of its attribution map."""
+"""Map a probe's evidence (and cue) character spans of the prompt to the rows of its attribution map, and
+score how well the map ranks the evidence (plausibility)."""
 
+import math
+from collections.abc import Iterable
+
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 
@@ -62,3 +67,46 @@ def _holds_evidence(prompt: str, start: int, end: int, spans: list[tuple[int, in
 def _is_blank(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
     # Metaspace's prepended "▁" is a token of its own whose offsets point at the first character.
     return not tokenizer.decode([token_id]).strip()
+
+
+# ---- plausibility: does the map rank the evidence first? -------------------------------------
+def context_token_scores(scores: np.ndarray, n_context: int) -> np.ndarray:
+    """One score per context token: the absolute aggregated (per-step normalized) scores of the first
+    ``n_context`` rows of a ``[rows, steps]`` map, summed over the steps (NaN counts as 0)."""
+    return np.nansum(np.abs(np.asarray(scores, dtype=float)[:n_context]), axis=1)
+
+
+def _labels(n: int, positives: Iterable[int]) -> np.ndarray:
+    labels = np.zeros(n, dtype=bool)
+    labels[[i for i in positives if 0 <= i < n]] = True
+    return labels
+
+
+def average_precision(scores, positives: Iterable[int]) -> float:
+    """Area under the precision-recall curve of ``scores`` against the ``positives`` (indices), as
+    ``sklearn.metrics.average_precision_score`` computes it: ``sum_n (R_n - R_{n-1}) P_n`` over the
+    distinct scores taken as thresholds from the highest down, tied scores entering together.
+    NaN without positives."""
+    scores = np.asarray(scores, dtype=float)
+    labels = _labels(len(scores), positives)
+    n_positive = int(labels.sum())
+    if n_positive == 0:
+        return math.nan
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], labels[order]
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # last index of each distinct score
+    true_positives = np.cumsum(hits)[ends]
+    precision = true_positives / (ends + 1)
+    recall = true_positives / n_positive
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def reciprocal_rank(scores, positives: Iterable[int]) -> float:
+    """``1 / rank`` of the highest-scoring positive; the other tokens tied with it rank before it (an
+    all-zero map does not rank the evidence first). NaN without positives."""
+    scores = np.asarray(scores, dtype=float)
+    labels = _labels(len(scores), positives)
+    if not labels.any():
+        return math.nan
+    best = scores[labels].max()
+    return 1.0 / (1 + int(np.sum(scores[~labels] >= best)))

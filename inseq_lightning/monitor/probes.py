@@ -42,9 +42,13 @@ class Probe:
         evidence_match: how words/phrases are found: ``"word"`` (default) matches whole words only,
             so ``"Leo"`` does not match inside ``"Leonard"``; ``"substring"`` matches anywhere.
         evidence_ignore_case: match words/phrases whatever their case.
+        cue: what the answer must NOT rely on (a canary: a planted trigger, a shortcut), given and
+            matched like ``evidence`` (same ``evidence_match`` and ``evidence_ignore_case``); the
+            monitor logs ``cue_mass``, the share of attribution on these tokens. A list, a tuple, or
+            one string (words separated by ``|``).
 
-    In a conversation, evidence is words or phrases found in any message's content (never in the
-    template's own text).
+    In a conversation, evidence and cue are words or phrases found in any message's content (never
+    in the template's own text).
     """
 
     prompt: str | tuple[dict, ...]
@@ -53,8 +57,10 @@ class Probe:
     name: str = ""
     evidence_match: str = "word"
     evidence_ignore_case: bool = False
+    cue: tuple[str | tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "cue", _evidence(self.cue))
         if self.evidence_match not in _EVIDENCE_MATCHES:
             raise InvalidInputError(
                 f"Probe {self.name!r}: evidence_match={self.evidence_match!r}; pass \"word\" to match whole words "
@@ -81,9 +87,10 @@ class Probe:
                                     "is the answer, so the one before it must be followed by a user turn")
         if target is not None and not target.strip():
             raise InvalidInputError(f"{where}: the assistant's answer is empty")
-        if any(not isinstance(item, str) for item in self.evidence):
-            raise InvalidInputError(f"{where}: evidence in a conversation is words or phrases found in its messages, "
-                                    "not character spans")
+        for label, items in (("evidence", self.evidence), ("cue", self.cue)):
+            if any(not isinstance(item, str) for item in items):
+                raise InvalidInputError(f"{where}: {label} in a conversation is words or phrases found in its "
+                                        "messages, not character spans")
         object.__setattr__(self, "prompt", messages)
         object.__setattr__(self, "target", target)
 
@@ -108,35 +115,44 @@ class Probe:
                        ) -> list[tuple[int, int]]:
         """Character spans of the evidence in ``prompt`` (or in ``text``, a rendering of it, searched
         only inside ``regions``: the messages' contents in a rendered conversation)."""
+        return self._spans(self.evidence, "evidence", text, regions)
+
+    def cue_spans(self, text: str | None = None, regions: list[tuple[int, int]] | None = None,
+                  ) -> list[tuple[int, int]]:
+        """Character spans of the cue, found as :meth:`evidence_spans` finds the evidence."""
+        return self._spans(self.cue, "cue", text, regions)
+
+    def _spans(self, items: tuple, label: str, text: str | None, regions: list[tuple[int, int]] | None,
+               ) -> list[tuple[int, int]]:
         if self.is_chat and text is None:  # no tokenizer yet: check each phrase occurs in some message
-            for item in self.evidence:
-                if not any(self._find_text(item, m["content"]) for m in self.messages):
-                    raise InvalidInputError(self._not_found(item, "in any message of its conversation"))
+            for item in items:
+                if not any(self._find_text(item, m["content"], label) for m in self.messages):
+                    raise InvalidInputError(self._not_found(item, "in any message of its conversation", label))
             return []
         text = self.prompt if text is None else text
         regions = regions if regions is not None else [(0, len(text))]
         spans: list[tuple[int, int]] = []
-        for item in self.evidence:
+        for item in items:
             if not isinstance(item, str):
-                spans.append(self._check_span(item))
+                spans.append(self._check_span(item, label))
                 continue
             found = [(start + s, start + e) for start, end in regions
-                     for s, e in self._find_text(item, text[start:end])]
+                     for s, e in self._find_text(item, text[start:end], label)]
             if not found:
-                raise InvalidInputError(self._not_found(item, "in its prompt"))
+                raise InvalidInputError(self._not_found(item, "in its prompt", label))
             spans.extend(found)
         return spans
 
-    def _not_found(self, item: str, where: str) -> str:
+    def _not_found(self, item: str, where: str, label: str = "evidence") -> str:
         hint = ('; fix it, or pass evidence_match="substring" to match inside words'
                 if self.evidence_match == "word" else "")
         case = "" if self.evidence_ignore_case else " (evidence_ignore_case=True matches whatever the case)"
         whole = " as a whole word" if self.evidence_match == "word" else ""
-        return f"Probe {self.name!r}: evidence {item!r} does not occur {where}{whole}{hint}{case}"
+        return f"Probe {self.name!r}: {label} {item!r} does not occur {where}{whole}{hint}{case}"
 
-    def _find_text(self, text: str, haystack: str) -> list[tuple[int, int]]:
+    def _find_text(self, text: str, haystack: str, label: str = "evidence") -> list[tuple[int, int]]:
         if not text.strip():
-            raise InvalidInputError(f"Probe {self.name!r}: evidence {text!r} is blank; pass a word, a phrase or a span")
+            raise InvalidInputError(f"Probe {self.name!r}: {label} {text!r} is blank; pass a word, a phrase or a span")
         flags = re.IGNORECASE if self.evidence_ignore_case else 0
         return [(m.start(), m.end()) for m in re.finditer(self._pattern(text), haystack, flags)]
 
@@ -149,11 +165,11 @@ class Probe:
         after = r"(?!\w)" if re.match(r"\w", text[-1]) else ""
         return before + pattern + after
 
-    def _check_span(self, item: tuple[int, int]) -> tuple[int, int]:
+    def _check_span(self, item: tuple[int, int], label: str = "evidence") -> tuple[int, int]:
         start, end = int(item[0]), int(item[1])
         if not 0 <= start < end <= len(self.prompt):
             raise InvalidInputError(
-                f"Probe {self.name!r}: evidence span {item!r} is outside its prompt (length {len(self.prompt)})"
+                f"Probe {self.name!r}: {label} span {item!r} is outside its prompt (length {len(self.prompt)})"
             )
         return start, end
 
@@ -211,6 +227,7 @@ class ProbeSet:
         self.probes = [replace(p, name=n) for p, n in zip(named, names)]
         for probe in self.probes:
             probe.evidence_spans()  # fail now, not at step 1000
+            probe.cue_spans()
 
     def __len__(self) -> int:
         return len(self.probes)
@@ -228,23 +245,23 @@ class ProbeSet:
     @classmethod
     def from_lists(cls, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
                    evidence: Sequence[Sequence] | None = None, names: Sequence[str] | None = None,
-                   evidence_match: str = "word", **kwargs) -> "ProbeSet":
+                   evidence_match: str = "word", cues: Sequence[Sequence] | None = None, **kwargs) -> "ProbeSet":
         """One probe per prompt; ``evidence_match`` applies to every probe (see :class:`Probe`)."""
         n = len(prompts)
-        for label, values in (("targets", targets), ("evidence", evidence), ("names", names)):
+        for label, values in (("targets", targets), ("evidence", evidence), ("names", names), ("cues", cues)):
             if values is not None and len(values) != n:
                 raise InvalidInputError(f"{n} prompts but {len(values)} {label}; pass one per prompt")
         return cls([
             Probe(prompts[i], targets[i] if targets is not None else None,
                   _evidence(evidence[i]) if evidence is not None else (), names[i] if names is not None else "",
-                  evidence_match)
+                  evidence_match, cue=cues[i] if cues is not None else ())
             for i in range(n)
         ], **kwargs)
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], prompt_key: str = "prompt", target_key: str = "target",
                      evidence_key: str = "evidence", name_key: str = "name", evidence_match: str = "word",
-                     **kwargs) -> "ProbeSet":
+                     cue_key: str = "cue", **kwargs) -> "ProbeSet":
         """One probe per record; a record's ``evidence_match`` field overrides the ``evidence_match`` given here.
 
         Records may be conversations as TRL datasets write them: ``messages`` (the last assistant
@@ -264,7 +281,7 @@ class ProbeSet:
                 target = record.get("completion")
             probes.append(Probe(prompt, target or None, _evidence(record.get(evidence_key)),
                                 str(record.get(name_key) or ""), record.get("evidence_match") or evidence_match,
-                                bool(record.get("evidence_ignore_case", False))))
+                                bool(record.get("evidence_ignore_case", False)), record.get(cue_key)))
         return cls(probes, **kwargs)
 
     @classmethod
@@ -290,7 +307,8 @@ class ProbeSet:
         """A JSON-able description that :meth:`coerce` turns back into this probe set."""
         return {"probes": [{"prompt": [dict(m) for m in p.prompt] if p.is_chat else p.prompt, "target": p.target,
                             "name": p.name, "evidence": [list(e) if isinstance(e, tuple) else e for e in p.evidence],
-                            "evidence_match": p.evidence_match, "evidence_ignore_case": p.evidence_ignore_case}
+                            "evidence_match": p.evidence_match, "evidence_ignore_case": p.evidence_ignore_case,
+                            "cue": [list(e) if isinstance(e, tuple) else e for e in p.cue]}
                            for p in self.probes],
                 "generate": self.generate, "generation_args": dict(self.generation_args),
                 "include_template_tokens": self.include_template_tokens}

@@ -53,6 +53,24 @@ _COUNTS = ("tokens_compared", "tokens_undefined")
 # Step functions whose good direction is known (the rest depend on what the user attributes).
 _STEP_SCORE_BETTER = {"probability": HIGHER, "logit": HIGHER, "entropy": LOWER, "crossentropy": LOWER,
                       "perplexity": LOWER}
+# Faithfulness of the maps (computed in :mod:`.faithfulness`; formulas in docs/monitoring.md): drops of
+# the attributed tokens' mean probability when context tokens are removed (replaced by the baseline
+# token's embedding), AOPC over the removal fractions.
+FAITHFULNESS_VALUES = {
+    "comprehensiveness": ("drop of the attributed tokens' probability when the top-k% context tokens by "
+                          "attribution are removed, averaged over k (AOPC)", HIGHER),
+    "sufficiency": ("drop of the attributed tokens' probability when only the top-k% context tokens by "
+                    "attribution are kept, averaged over k (AOPC)", LOWER),
+    "soft_comprehensiveness": ("drop when each context token is moved towards the baseline by its normalized "
+                               "importance (1 for the most important)", HIGHER),
+    "soft_sufficiency": ("drop when each context token is moved towards the baseline by one minus its normalized "
+                         "importance", LOWER),
+    "comprehensiveness_random": ("comprehensiveness of a random ranking (seeded per probe and pass): the chance "
+                                 "level", None),
+    "sufficiency_random": ("sufficiency of a random ranking (seeded per probe and pass): the chance level", None),
+    "comprehensiveness_vs_random": ("comprehensiveness minus comprehensiveness_random", HIGHER),
+    "sufficiency_vs_random": ("sufficiency minus sufficiency_random", LOWER),
+}
 
 
 def _definitions() -> dict[str, LoggedValue]:
@@ -61,6 +79,14 @@ def _definitions() -> dict[str, LoggedValue]:
         LoggedValue("step_score_change_ref/*", "change of that mean since the first pass"),
         LoggedValue("step_score_change_prev/*", "change of that mean since the previous pass"),
         LoggedValue("evidence_mass", "share of absolute attribution on the probe's evidence tokens", HIGHER),
+        LoggedValue("evidence_average_precision", "area under the precision-recall curve (average precision) of the "
+                                                  "context tokens' attribution, summed over attributed tokens, "
+                                                  "against the evidence tokens", HIGHER),
+        LoggedValue("evidence_reciprocal_rank", "1 / rank of the best-ranked evidence token among the context "
+                                                "tokens (ties rank it last)", HIGHER),
+        LoggedValue("cue_mass", "share of absolute attribution on the probe's cue tokens (tokens that must not carry "
+                                "the answer)", LOWER),
+        *(LoggedValue(name, meaning, better) for name, (meaning, better) in FAITHFULNESS_VALUES.items()),
         LoggedValue("message_mass/*", "share of absolute attribution on one message's content tokens (conversations: "
                                       "<index>_<role>), averaged over attributed tokens"),
     ]
@@ -102,16 +128,21 @@ def pool(name: str, values: Iterable[float]) -> float:
 
 
 def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str] = (),
-                messages: Iterable[str] = ()) -> list[str]:
-    """Every per-probe value a monitor with these step scores (and conversations with these message
-    labels) can log, in a stable order (the columns of ``drift.csv`` and of the W&B table)."""
+                messages: Iterable[str] = (), faithfulness: bool = False, cue: bool = False) -> list[str]:
+    """Every per-probe value a monitor with these step scores (conversations with these message
+    labels, faithfulness on or off, probes with a cue or not) can log, in a stable order (the columns
+    of ``drift.csv`` and of the W&B table)."""
     names = [f"step_score/{s}" for s in step_scores]
     for drift in _AGAINST:
         names += [f"{drift}/{m}" for m in DRIFT_METRICS]
         names += [f"{drift}/{m}" for m in DRIFT_COVERAGE if generate or m != "continuation_changed"]
     names += [f"step_score_change_{kind}/{s}" for kind in ("ref", "prev") for s in step_scores]
-    names.append("evidence_mass")
+    names += ["evidence_mass", "evidence_average_precision", "evidence_reciprocal_rank"]
+    if cue:
+        names.append("cue_mass")
     names += [f"message_mass/{label}" for label in messages]
+    if faithfulness:
+        names += list(FAITHFULNESS_VALUES)
     names += [n for n in extra if n not in names]
     return names
 

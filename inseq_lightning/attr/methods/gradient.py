@@ -98,6 +98,7 @@ def integrate(
     n_steps: int,
     method: str,
     internal_batch_size: int | None,
+    rounds: int = 1,
 ) -> list[torch.Tensor]:
     """Riemann/Gauss-Legendre integral of per-step gradients along ``baseline -> input``.
 
@@ -111,7 +112,7 @@ def integrate(
     total = [None for _ in inputs]
     batch = ctx.batch.size
     chunks = interpolation_chunks(n_steps, batch, internal_batch_size)
-    ctx.gradient_passes = len(chunks)
+    ctx.gradient_passes = len(chunks) * rounds  # progress: every chunk of every round counts its share
     for chunk in chunks:
         scaled = [torch.cat([b + alphas[a] * (x - b) for a in chunk], 0) for x, b in zip(inputs, baselines)]
         weights = [torch.tensor([step_sizes[a] for a in chunk], dtype=torch.promote_types(x.dtype, torch.float32),
@@ -210,3 +211,57 @@ class GradientShap(AttributionMethod):
             grads = _gradients_at(ctx, scaled, len(idx), row_weights=weights)
             total = [g if t is None else t.add_(g) for t, g in zip(total, grads)]
         return MethodResult(*ctx.split([t / n_samples for t in total]))
+
+
+@register_method
+class SequentialIntegratedGradients(AttributionMethod):
+    """Sequential integrated gradients (Enguehard, 2023; inseq's ``sequential_integrated_gradients``):
+    each token's attribution integrates the gradients along a path where only that token moves from
+    its baseline (UNK) embedding to its own, every other token staying as it is.
+
+    One round per input position: the ``n_steps`` interpolations of that position run as one forward
+    shared by every step (a causal model's prediction at step ``t`` only sees positions ``< t``, which
+    is what inseq's per-step prefix gives), and one per-step backward keeps the moving position's column.
+
+    Args:
+        ctx: the engine context of one batch.
+        n_steps: integration points per position.
+        method: captum's approximation method (``gausslegendre`` by default).
+        internal_batch_size: rows per forward (points x sequences); None runs all points of a position at once.
+        multiply_by_inputs: multiply by ``input - baseline`` at the moving position.
+    """
+
+    name = "sequential_integrated_gradients"
+
+    def attribute(
+        self,
+        ctx: EngineContext,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        multiply_by_inputs: bool = True,
+        **kwargs,
+    ) -> MethodResult:
+        inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
+        rounds = sum(x.shape[1] for x in inputs)
+        results = [x.new_zeros(x.shape[0], x.shape[1], ctx.num_steps, *x.shape[2:]) for x in inputs]
+        for which, (x, b) in enumerate(zip(inputs, baselines)):
+            for position in range(x.shape[1]):
+
+                def run(scaled, repeat, row_weights, which=which):
+                    # only the moving input's position varies: the others are the real inputs, repeated
+                    full = [t.repeat(repeat, *([1] * (t.ndim - 1))) for t in inputs]
+                    full[which] = scaled[0]
+                    grads = _gradients_at(ctx, full, repeat,
+                                          row_weights=[row_weights[0] if i == which else 1.0 for i in range(len(full))])
+                    return [grads[which]]
+
+                # the moving input with only ``position`` on the path: baseline = input elsewhere
+                path_start = x.clone()
+                path_start[:, position] = b[:, position]
+                (total,) = integrate(ctx, [x], [path_start], run, n_steps, method, internal_batch_size, rounds=rounds)
+                column = total[:, position]
+                if multiply_by_inputs:
+                    column = column * (x - b)[:, position].unsqueeze(1)
+                results[which][:, position] = column
+        return MethodResult(*ctx.split(results))
