@@ -38,3 +38,11 @@ class TokenizerError(InseqLightningError, ValueError):
 
 class TokenBoundaryWarning(UserWarning):
     """A prompt ends inside a token of its full text: that token is attributed as the first target token."""
+
+
+class InvalidFileError(InvalidInputError):
+    """An attribution file that cannot be loaded: not JSON, an unknown layout or version, wrong types, shapes that
+    do not match its tokens, sizes beyond its data, or compressed data that expands past the loading limit.
+
+    Every problem found while loading a file raises this one error; its message names the file, the place in
+    it and what is wrong."""

@@ -61,3 +61,85 @@ def test_sequential_integrated_gradients_moves_one_token_at_a_time(hf_models):
             total += grad[0, j] / 4
         expected = total * (embeds[0, j] - base[0, j])
         torch.testing.assert_close(out.target_attributions[j, 0], expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "marian"])
+@pytest.mark.parametrize("args", [{"sliding_window_shapes": (2, 64)}, {"sliding_window_shapes": (3, 64), "strides": 2}])
+def test_occlusion_sliding_windows_equal_inseq(hf_models, family, args):
+    """captum's windows over what each step sees (the prefix, for decoder-only), averaged per token:
+    computed from one batch of occluded variants shared by every step."""
+    inseq = pytest.importorskip("inseq", reason="parity needs inseq 0.7.1")
+    from test_parity_inseq import inseq_reference
+
+    model, tok = hf_models[family]
+    ours = il.load_model(copy.deepcopy(model), "occlusion", tokenizer=tok).attribute(
+        *TEXTS[family], attribution_args=dict(args), show_progress=False)[0]
+    ref = inseq.load_model(inseq_reference(model), "occlusion", tokenizer=copy.deepcopy(tok)).attribute(
+        *TEXTS[family], attribution_args=dict(args), show_progress=False)[0]
+    for side in ("source_attributions", "target_attributions"):
+        a, b = getattr(ours, side), getattr(ref, side)
+        if b is not None:
+            torch.testing.assert_close(a, b, equal_nan=True, atol=1e-6, rtol=1e-5)
+
+
+def test_occlusion_window_is_the_mean_change_over_the_windows_covering_a_token(hf_models):
+    """By hand on a source of 6 tokens, windows of 2: token j's score is |mean over windows covering
+    it of (p(x) - p(x with the window's embeddings replaced by the UNK baseline))|."""
+    model, tok = hf_models["marian"]
+    model = copy.deepcopy(model).eval()
+    am = il.load_model(model, "occlusion", tokenizer=tok)
+    out = am.attribute("Hello world", "Le chat", sliding_window_shapes=(2, 64), show_progress=False)[0]
+    src = torch.tensor([[t.id for t in out.source]])
+    tgt = torch.tensor([[t.id for t in out.target]])
+    scale = model.get_encoder().embed_scale
+    embeds = model.get_encoder().embed_tokens(src) * scale
+    base = model.get_encoder().embed_tokens(torch.full_like(src, am.special_ids.unk)) * scale
+    base[src == am.special_ids.eos] = embeds[src == am.special_ids.eos]  # EOS stays EOS in the baseline
+
+    def prob(x):
+        with torch.no_grad():
+            return model(inputs_embeds=x, decoder_input_ids=tgt).logits[0, 0].softmax(-1)[tgt[0, 1]]
+
+    length = src.shape[1]
+    diffs = []
+    for s in range(length - 1):
+        x = embeds.clone()
+        x[0, s : s + 2] = base[0, s : s + 2]
+        diffs.append(prob(embeds) - prob(x))
+    expected = torch.stack([torch.stack([d for s, d in enumerate(diffs) if s <= j < s + 2]).mean().abs()
+                            for j in range(length)])
+    torch.testing.assert_close(out.source_attributions[:, 0], expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"sliding_window_shapes": (9, 64)}, "does not fit"),
+    ({"sliding_window_shapes": (2, 32)}, "whole embedding"),
+    ({"sliding_window_shapes": (2, 64), "strides": 3}, "strides"),
+])
+def test_bad_occlusion_windows_get_a_typed_error_and_leave_the_model_as_it_was(hf_models, args, match):
+    from inseq_lightning.errors import InvalidInputError
+
+    model, tok = hf_models["gpt2"]
+    model = copy.deepcopy(model).train()
+    am = il.load_model(model, "occlusion", tokenizer=tok)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(InvalidInputError, match=match):
+        am.attribute("Hello world", "Hello world, this is a cat", show_progress=False, **args)
+    assert modes == [m.training for m in model.modules()] and flags == [p.requires_grad for p in model.parameters()]
+
+
+def test_mc_dropout_as_the_attributed_function_scales_each_steps_gradient(hf_models):
+    """``attributed_fn="mc_dropout_prob_avg"``: (p - mean(p~)) / std(p~) with the noisy forwards
+    taken without gradient (inseq's rule), so each step's saliency is the probability's divided by that
+    step's std: the normalized maps are the probability's. The model's modes are restored."""
+    model, tok = hf_models["gpt2"]
+    model = copy.deepcopy(model).eval()
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    texts = ("Hello world", "Hello world, this is a cat")
+    mcd = am.attribute(*texts, attributed_fn="mc_dropout_prob_avg", n_mcd_steps=4, show_progress=False)[0]
+    prob = am.attribute(*texts, show_progress=False)[0]
+    assert not torch.allclose(mcd.target_attributions.nan_to_num(), prob.target_attributions.nan_to_num())
+    torch.testing.assert_close(mcd.aggregate().target_attributions, prob.aggregate().target_attributions,
+                               equal_nan=True, rtol=1e-4, atol=1e-6)
+    assert not any(m.training for m in model.modules())

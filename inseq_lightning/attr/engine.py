@@ -128,6 +128,11 @@ class EngineContext:
         """The ids whose embedding-layer output layer methods attribute."""
         return self.adapter.attributed_ids(self.batch, baseline)
 
+    def visible_lengths(self, which: int) -> torch.Tensor:
+        """``[B, N]`` how many tokens of attributed input ``which`` each step sees: its prefix on the
+        target side, the whole (unpadded) source on an encoder's."""
+        return self.adapter.visible_lengths(self.batch, which, self.positions)
+
     def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-attributed-input results -> (source, target)."""
         return self.adapter.split(results)

@@ -163,7 +163,16 @@ class StepScorer:
     # ---- scores ---------------------------------------------------------------------------
     def scores(self, step_logits: torch.Tensor) -> torch.Tensor:
         """``[R*B, N]`` values of the attributed function for every step (0 on padding steps)."""
-        args = self.function_args(step_logits, is_attributed_fn=True)
+        repeat = step_logits.shape[0] // self.batch.size
+
+        def forward_again() -> torch.Tensor:
+            # noisy forwards (mc_dropout_prob_avg) of the real inputs, without gradient: as in inseq,
+            # the attributed value's gradient flows through the scored forward only
+            with torch.no_grad():
+                fresh = self.real_step_logits()
+            return fresh.repeat(repeat, 1, 1).reshape(-1, fresh.shape[-1])
+
+        args = self.function_args(step_logits, is_attributed_fn=True, forward_again=forward_again)
         values = self.call(self.request.attributed_fn, args, self._attributed_kwargs)
         values = values.reshape(step_logits.shape[0], step_logits.shape[1]).to(step_logits.dtype)
         valid = self.valid.repeat(values.shape[0] // self.batch.size, 1)

@@ -80,6 +80,10 @@ class ArchitectureAdapter:
         """Per-attributed-input results (in :meth:`attributed_embeddings` order) -> (source, target)."""
         return None, results[0]
 
+    def visible_lengths(self, batch: Batch, which: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` tokens of attributed input ``which`` that each step sees (the target's prefix)."""
+        return positions
+
     # ---- forward --------------------------------------------------------------------------
     def forward_embeddings(self, batch: Batch, inputs: Sequence[torch.Tensor], target_embeddings, repeat: int = 1,
                            **kwargs) -> ModelOutput:
@@ -221,6 +225,11 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
 
     def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return results[0], results[1] if len(results) > 1 else None
+
+    def visible_lengths(self, batch: Batch, which: int, positions: torch.Tensor) -> torch.Tensor:
+        if which == 1:  # the attributed target prefix
+            return positions
+        return batch.source_mask.sum(1, keepdim=True).expand_as(positions)
 
     def forward_embeddings(self, batch: Batch, inputs: Sequence[torch.Tensor], target_embeddings, repeat: int = 1,
                            **kwargs) -> ModelOutput:

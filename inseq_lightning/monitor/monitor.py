@@ -24,7 +24,8 @@ from ..utils.sharding import has_sharded_parameters
 from .chat import message_label, render_chat
 from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
-from .evidence import evidence_rows
+from .evidence import average_precision, context_token_scores, evidence_rows, reciprocal_rank
+from .faithfulness import DEFAULT_FRACTIONS, check_fractions, check_ranking, faithfulness_seed, probe_faithfulness
 from .guards import attribution_guard
 from .history import DriftHistory
 from .probes import Probe, ProbeSet
@@ -57,6 +58,14 @@ class ProbeMonitor:
         extra_values: ``{name: fn(result) -> float}``: values of your own, computed for every probe
             from its :class:`ProbeResult` and logged like the built-in ones (every sink, the means,
             ``callback_metrics`` / evaluation metrics). See :mod:`.values` for the built-in ones.
+        faithfulness: after attributing each probe, measure how faithful its map is
+            (comprehensiveness, sufficiency, their soft variants and a random baseline; see
+            :mod:`.faithfulness`): ``len(faithfulness_fractions) + 1`` extra batched forwards per
+            probe, no backward. On by default.
+        faithfulness_fractions: the top-k fractions of the context tokens averaged over (AOPC).
+        faithfulness_ranking: ``"aggregated"`` (default) ranks the context tokens by their scores
+            summed over the attributed tokens; ``"per_step"`` ranks them for each attributed token by
+            its own scores (one row per attributed token in each forward).
 
     After each pass, :attr:`last_means` holds the mean values over probes on every rank (what the
     callbacks hand to the frameworks' early stopping and checkpoint selection).
@@ -64,7 +73,9 @@ class ProbeMonitor:
 
     def __init__(self, probes, method: str = "saliency", step_scores: Sequence[str] = ("probability",),
                  method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
-                 prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None):
+                 prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None,
+                 faithfulness: bool = True, faithfulness_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 faithfulness_ranking: str = "aggregated"):
         self.probes = ProbeSet.coerce(probes)
         get_method(method)  # unknown names fail here, with the list of valid ones
         for name in step_scores:
@@ -77,6 +88,9 @@ class ProbeMonitor:
         self.batch_size = batch_size
         self.strict = strict
         self.prefix = prefix or f"attribution/{method}"
+        self.faithfulness = bool(faithfulness)
+        self.faithfulness_fractions = check_fractions(faithfulness_fractions)
+        self.faithfulness_ranking = check_ranking(faithfulness_ranking)
         self.set_extra_values(extra_values)
         self.last_means: dict[str, float] = {}
         self.history = DriftHistory()
@@ -92,7 +106,8 @@ class ProbeMonitor:
                                  "function of a ProbeResult returning a float")
         self.extra_values = extra
         labels = [message_label(i, m["role"]) for probe in self.probes for i, m in enumerate(probe.messages)]
-        self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra, dict.fromkeys(labels)))
+        self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra, dict.fromkeys(labels),
+                                             faithfulness=self.faithfulness, cue=any(p.cue for p in self.probes)))
 
     def check_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check, before training, what only the model and tokenizer can tell: conversations need a chat
@@ -187,11 +202,13 @@ class ProbeMonitor:
 
     def attribute_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                          probes: list[Probe] | None = None, sharded_root: torch.nn.Module | None = None,
-                         ) -> tuple[dict[str, FeatureAttributionOutput], dict[str, str]]:
+                         step: int = 0) -> tuple[dict[str, FeatureAttributionOutput], dict[str, str]]:
         """Attribute ``probes`` (default: all) on the live model, under :func:`attribution_guard`.
 
         All probes go in batches; when a batch fails, its probes are retried one by one so a single
-        bad probe (too long, say) is skipped and the others still log.
+        bad probe (too long, say) is skipped and the others still log. With ``faithfulness`` on, each
+        output's ``info["faithfulness"]`` holds its faithfulness values (``step`` seeds the random
+        ranking).
         """
         probes = list(self.probes) if probes is None else probes
         outputs: dict[str, FeatureAttributionOutput] = {}
@@ -206,14 +223,31 @@ class ProbeMonitor:
                     out = None
                 if out is not None:
                     outputs.update({p.name: output_for_sequence(out, i) for i, p in enumerate(chunk)})
-                    continue
-                for probe in chunk:
-                    try:
-                        outputs[probe.name] = self._attribute(wrapper, [probe])
-                    except Exception as error:  # noqa: BLE001 - a probe must not kill training
-                        skipped[probe.name] = f"{type(error).__name__}: {error}"
-                        self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be attributed", error)
+                else:
+                    for probe in chunk:
+                        try:
+                            outputs[probe.name] = self._attribute(wrapper, [probe])
+                        except Exception as error:  # noqa: BLE001 - a probe must not kill training
+                            skipped[probe.name] = f"{type(error).__name__}: {error}"
+                            self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be attributed", error)
+                if self.faithfulness:
+                    for probe in chunk:
+                        if probe.name in outputs:
+                            self._faithfulness(wrapper, probe, outputs[probe.name], step)
         return outputs, skipped
+
+    def _faithfulness(self, wrapper: AttributionModel, probe: Probe, output: FeatureAttributionOutput,
+                      step: int) -> None:
+        """``output.info["faithfulness"]``: the probe's faithfulness values (on the model as attributed)."""
+        try:
+            measured = probe_faithfulness(
+                wrapper, output.sequence_attributions[0], self.faithfulness_fractions, self.faithfulness_ranking,
+                seed=faithfulness_seed(probe.name, step),
+                include_eos_baseline=bool(output.info.get("include_eos_baseline", False)))
+        except Exception as error:  # noqa: BLE001 - a probe's faithfulness must not kill training
+            self._fail(f"faithfulness:{probe.name}", f"Probe {probe.name!r}: faithfulness could not be measured", error)
+            return
+        output.info["faithfulness"] = measured.values
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
             stage: str = "fit", sinks: Sequence = (), sharded_root: torch.nn.Module | None = None,
@@ -228,21 +262,21 @@ class ProbeMonitor:
         started = time.perf_counter()
         rank, world = rank_and_world()
         if world == 1:
-            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
+            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root, step=step)
             report = self.build_report(outputs, skipped, step, epoch, stage, time.perf_counter() - started,
                                        tokenizer)
             self.publish(report, sinks)
             self.last_means = report.means()
             return report
         if has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
-            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root)
+            outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root, step=step)
             if rank != 0:
                 self._follow_rank_zero(step, stage)
                 return None
         else:
             share = [self.probes[i] for i in my_share(len(self.probes), rank, world)]
             try:
-                mine, error = (self.attribute_probes(model, tokenizer, share) if share else ({}, {})), None
+                mine, error = (self.attribute_probes(model, tokenizer, share, step=step) if share else ({}, {})), None
             except MonitoringError as strict_error:  # raise on every rank after the gather, never hang one
                 mine, error = ({}, {}), str(strict_error)
             gathered = all_gather_objects((*_to_cpu(mine), error))
@@ -307,8 +341,9 @@ class ProbeMonitor:
                 rows = evidence_rows(tokenizer, prompt_text, source_ids, [(start, end)], full_text)
                 if rows:
                     result.message_mass[label] = evidence_mass(current, rows)
+            cue_spans = probe.cue_spans(prompt_text, [(start, end) for _, start, end in rendered.message_spans])
         else:
-            prompt_text, spans = probe.prompt, probe.evidence_spans()
+            prompt_text, spans, cue_spans = probe.prompt, probe.evidence_spans(), probe.cue_spans()
         if spans:
             rows = evidence_rows(tokenizer, prompt_text, source_ids, spans, full_text)
             if rows is None:
@@ -317,6 +352,18 @@ class ProbeMonitor:
             else:
                 result.evidence_mass = evidence_mass(current, rows)
                 result.evidence_rows = tuple(rows)
+                token_scores = context_token_scores(current.scores, current.n_source)
+                result.evidence_average_precision = average_precision(token_scores, rows)
+                result.evidence_reciprocal_rank = reciprocal_rank(token_scores, rows)
+        if cue_spans:
+            rows = evidence_rows(tokenizer, prompt_text, source_ids, cue_spans, full_text)
+            if rows is None:
+                self._fail(f"cue:{probe.name}", f"Probe {probe.name!r}: the cue could not be located in tokens",
+                           ValueError("the tokenizer gives no offsets that match the attributed tokens"))
+            else:
+                result.cue_mass = evidence_mass(current, rows)
+                result.cue_rows = tuple(rows)
+        result.faithfulness = dict(output.info.get("faithfulness") or {})
         if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
             self._extra_values(result)
             return result

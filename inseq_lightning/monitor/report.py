@@ -24,6 +24,12 @@ class ProbeResult:
         score_change_reference, score_change_previous: change of each mean step score.
         evidence_mass: share of attribution on the evidence tokens (NaN without evidence).
         evidence_rows: the evidence tokens' rows in the attribution map.
+        evidence_average_precision, evidence_reciprocal_rank: how well the map ranks the evidence
+            among the context tokens (plausibility; NaN without evidence).
+        cue_mass: share of attribution on the probe's cue tokens (NaN without a cue).
+        cue_rows: the cue tokens' rows in the attribution map.
+        faithfulness: comprehensiveness, sufficiency, their soft variants and random baselines
+            (:data:`~.values.FAITHFULNESS_VALUES`; empty when the monitor does not measure them).
         reference_step, previous_step: the steps compared with (None on the first pass).
         extra_values: the values of ``ProbeMonitor(extra_values=...)``, logged like the others.
         message_mass: for a conversation, the share of attribution on each message's content
@@ -44,6 +50,11 @@ class ProbeResult:
     previous_step: int | None = None
     extra_values: dict[str, float] = field(default_factory=dict)  # ProbeMonitor(extra_values=...)
     message_mass: dict[str, float] = field(default_factory=dict)  # conversations: per message label
+    evidence_average_precision: float = math.nan
+    evidence_reciprocal_rank: float = math.nan
+    cue_mass: float = math.nan
+    cue_rows: tuple[int, ...] = ()
+    faithfulness: dict[str, float] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{name: value}`` of every finite number (names are relative: ``drift_ref/cosine``)."""
@@ -58,7 +69,11 @@ class ProbeResult:
         for name, value in self.score_change_previous.items():
             values[f"step_score_change_prev/{name}"] = value
         values["evidence_mass"] = self.evidence_mass
+        values["evidence_average_precision"] = self.evidence_average_precision
+        values["evidence_reciprocal_rank"] = self.evidence_reciprocal_rank
+        values["cue_mass"] = self.cue_mass
         values.update({f"message_mass/{label}": v for label, v in self.message_mass.items()})
+        values.update(self.faithfulness)
         values.update(self.extra_values)
         return {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
 

@@ -56,18 +56,17 @@ _STEP_SCORE_BETTER = {"probability": HIGHER, "logit": HIGHER, "entropy": LOWER, 
 # Faithfulness of the maps (computed in :mod:`.faithfulness`; formulas in docs/monitoring.md): drops of
 # the attributed tokens' mean probability when context tokens are removed (replaced by the baseline
 # token's embedding), AOPC over the removal fractions.
+_DROP = "drop of the attributed tokens' mean probability when"
 FAITHFULNESS_VALUES = {
-    "comprehensiveness": ("drop of the attributed tokens' probability when the top-k% context tokens by "
-                          "attribution are removed, averaged over k (AOPC)", HIGHER),
-    "sufficiency": ("drop of the attributed tokens' probability when only the top-k% context tokens by "
-                    "attribution are kept, averaged over k (AOPC)", LOWER),
-    "soft_comprehensiveness": ("drop when each context token is moved towards the baseline by its normalized "
-                               "importance (1 for the most important)", HIGHER),
-    "soft_sufficiency": ("drop when each context token is moved towards the baseline by one minus its normalized "
-                         "importance", LOWER),
-    "comprehensiveness_random": ("comprehensiveness of a random ranking (seeded per probe and pass): the chance "
-                                 "level", None),
-    "sufficiency_random": ("sufficiency of a random ranking (seeded per probe and pass): the chance level", None),
+    "comprehensiveness": (f"{_DROP} the top-k% context tokens by attribution are removed, averaged over k (AOPC)",
+                          HIGHER),
+    "sufficiency": (f"{_DROP} only the top-k% context tokens by attribution are kept, averaged over k (AOPC)", LOWER),
+    "soft_comprehensiveness": (f"{_DROP} each context token moves to the baseline by its normalized importance",
+                               HIGHER),
+    "soft_sufficiency": (f"{_DROP} each context token moves to the baseline by 1 - its normalized importance", LOWER),
+    "comprehensiveness_random": ("comprehensiveness of a random ranking (seeded per probe and pass): chance level",
+                                 None),
+    "sufficiency_random": ("sufficiency of a random ranking (seeded per probe and pass): chance level", None),
     "comprehensiveness_vs_random": ("comprehensiveness minus comprehensiveness_random", HIGHER),
     "sufficiency_vs_random": ("sufficiency minus sufficiency_random", LOWER),
 }
