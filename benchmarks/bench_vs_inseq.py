@@ -2,7 +2,8 @@
 
 Prints the median wall time of each library per workload and the speed-up ratio, plus the peak
 extra memory of one attribution (in a fresh, warmed-up subprocess per library: see
-``peak_memory_child``).
+``peak_memory_child``). Each workload's line on stderr gives the range of the per-run ratios; the
+contrastive workload also prints how far its aggregated attributions are from inseq's.
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/bench_vs_inseq.py``).
 """
 
@@ -128,7 +129,8 @@ def max_difference(ours, ref) -> float:
     return worst
 
 
-def time_workload(name: str, repeats: int) -> dict[str, float]:
+def time_workload(name: str, repeats: int) -> dict[str, list[float]]:
+    """Each library's wall times, one per run, the two libraries alternating."""
     run = runners(name)
     outputs = {key: fn() for key, fn in run.items()}  # warm-up
     if name in PARITY_CHECKED:
@@ -141,7 +143,7 @@ def time_workload(name: str, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def _status_kib(field: str) -> int:
@@ -199,7 +201,7 @@ def peak_memory(name: str, library: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-repeats", type=int, default=5)
+    parser.add_argument("--memory-repeats", type=int, default=5, help="0: time only")
     parser.add_argument("--memory-child", nargs=2)
     known = {**WORKLOADS, **METHOD_WORKLOADS}
     parser.add_argument("workloads", nargs="*",
@@ -216,22 +218,29 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rows = []
     for key in args.workloads or list(WORKLOADS):
-        t = time_workload(key, args.repeats)
-        mem = {lib: [peak_memory(key, lib) for _ in range(args.memory_repeats)] for lib in ("inseq", "inseq-lightning")}
-        rss = {lib: statistics.median(m["rss_mib"] for m in runs) for lib, runs in mem.items()}
-        tensors = {lib: statistics.median(m["tensors_mib"] for m in runs) for lib, runs in mem.items()}
-        ref, ours = t["inseq"], t["inseq-lightning"]
-        rows.append((known[key], ref, ours, ref / ours, rss["inseq"], rss["inseq-lightning"], tensors["inseq"],
-                     tensors["inseq-lightning"]))
+        times = time_workload(key, args.repeats)
+        ref, ours = statistics.median(times["inseq"]), statistics.median(times["inseq-lightning"])
+        pairs = sorted(r / o for r, o in zip(times["inseq"], times["inseq-lightning"], strict=True))
+        row = [known[key], f"{ref:.3f}", f"{ours:.3f}", f"{ref / ours:.1f}x"]
+        if args.memory_repeats:
+            mem = {lib: [peak_memory(key, lib) for _ in range(args.memory_repeats)]
+                   for lib in ("inseq", "inseq-lightning")}
+            for measure, digits in (("rss_mib", 1), ("tensors_mib", 2)):
+                row += [f"{statistics.median(m[measure] for m in mem[lib]):.{digits}f}"
+                        for lib in ("inseq", "inseq-lightning")]
+        else:
+            row += ["-"] * 4
+        rows.append(row)
+        print(f"{key}: {ref:.3f} s / {ours:.3f} s = {ref / ours:.1f}x (runs: {pairs[0]:.1f}x to {pairs[-1]:.1f}x); "
+              f"peak RSS MiB {row[4]} / {row[5]}, peak tensors MiB {row[6]} / {row[7]} (inseq / ours)",
+              file=sys.stderr, flush=True)
     print(f"torch threads: {THREADS}; 20-token prompt + 20 forced tokens unless the row says 50+50; median of "
           f"{args.repeats} alternating runs; memory: median of {args.memory_repeats} fresh processes\n")
     print("| workload | inseq 0.7.1 (s) | inseq-lightning (s) | speed-up | peak RSS MiB inseq | peak RSS MiB ours "
           "| peak tensors MiB inseq | peak tensors MiB ours |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, ref, ours, ratio, rss_ref, rss_ours, ten_ref, ten_ours in rows:
-        print(f"| {label} | {ref:.3f} | {ours:.3f} | {ratio:.1f}x | {rss_ref:.1f} | {rss_ours:.1f} | {ten_ref:.2f} "
-              f"| {ten_ours:.2f} |")
-
+    for row in rows:
+        print(f"| {' | '.join(row)} |")
 
 if __name__ == "__main__":
     main()

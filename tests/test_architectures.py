@@ -40,7 +40,10 @@ DECODER_TEXTS = [("The cat sat", "The cat sat on the mat"),
 ENCDEC_TEXTS = [("Hello world", "Le chat est noir"),
                 ("The cat sat on the mat and looked at the dog.", "Il gatto dorme. Das ist ein kleines Haus.")]
 METHOD_ARGS = {"integrated_gradients": {"n_steps": 4}, "layer_integrated_gradients": {"n_steps": 4},
-               "gradient_shap": {"n_samples": 2, "seed": 0}}
+               "gradient_shap": {"n_samples": 2, "seed": 0},
+               # tiny random OPT's value-zeroing distances (~5e-6) all sit under inseq's 1e-5 threshold
+               "value_zeroing": {"min_score_threshold": 0.0},
+               "reagent": {"max_probe_steps": 3, "num_probes": 4, "seed": 0}}
 DEEPLIFT = ("deeplift", "layer_deeplift")
 RTOL = 1e-6
 

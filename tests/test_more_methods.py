@@ -183,3 +183,82 @@ def test_lime_is_repeatable_with_a_seed_and_leaves_the_global_rng_alone(hf_model
     assert torch.equal(torch.get_rng_state(), state)
     torch.testing.assert_close(one.target_attributions, two.target_attributions, equal_nan=True)
     assert not torch.allclose(one.target_attributions.nan_to_num(), other.target_attributions.nan_to_num())
+
+
+@pytest.mark.parametrize("family", list(TEXTS))
+def test_discretized_integrated_gradients_equals_inseq(hf_models, family, tmp_path):
+    """Same monotonic paths and sums as inseq. inseq caches the vocabulary's k-NN graph under the
+    model's name, which is empty for a model passed as an object: every such model would reuse the
+    first one's graph, so inseq gets a fresh cache directory here."""
+    inseq = pytest.importorskip("inseq", reason="parity needs inseq 0.7.1")
+    pytest.importorskip("sklearn")
+    from test_parity_inseq import inseq_reference
+
+    model, tok = hf_models[family]
+    kwargs = {"n_steps": 8, "step_scores": ["probability"], "show_progress": False}
+    ours = il.load_model(copy.deepcopy(model), "discretized_integrated_gradients", tokenizer=tok).attribute(
+        *TEXTS[family], **kwargs)[0]
+    ref = inseq.load_model(inseq_reference(model), "discretized_integrated_gradients", tokenizer=copy.deepcopy(tok),
+                           cache_dir=tmp_path, save_cache=False).attribute(*TEXTS[family], **kwargs)[0]
+    for side in ("source_attributions", "target_attributions"):
+        a, b = getattr(ours, side), getattr(ref, side)
+        if b is not None:
+            scale = b.abs().nan_to_num().max()
+            torch.testing.assert_close(a / scale, b / scale, equal_nan=True, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.step_scores["probability"], ref.step_scores["probability"].float())
+
+
+def test_discretized_paths_are_monotonic_and_end_at_the_token(hf_models):
+    """Every path runs from the baseline's embedding to the token's, each point between the next one
+    and the baseline in every dimension (the method's defining property)."""
+    pytest.importorskip("sklearn")
+    from inseq_lightning.attr.methods.discretized import PathBuilder, _monotonic_dims
+
+    model, tok = hf_models["gpt2"]
+    vocabulary = model.get_input_embeddings().weight.detach().float()
+    builder = PathBuilder(vocabulary, n_neighbors=10, special_ids=set(tok.all_special_ids))
+    for word in (5, 17, 123):
+        path = builder.path(word, 0, n_steps=8, strategy="greedy")
+        assert path.shape == (8, vocabulary.shape[1])
+        torch.testing.assert_close(path[0], vocabulary[0])
+        torch.testing.assert_close(path[-1], vocabulary[word])
+        for k in range(1, 7):  # point k lies between point k+1 (closer to the word) and the baseline
+            assert _monotonic_dims(path[k], path[0], path[k + 1]).all()
+
+
+def test_attention_layers_and_heads_select_the_models_own_attention(hf_models):
+    """``layers=``/``heads=`` keep those layers' and heads' rows of the model's own attention
+    (``output_attentions``), read at the position that predicts each step; aggregation is inseq's
+    mean over heads, then layers."""
+    model, tok = hf_models["llama"]
+    model = copy.deepcopy(model).eval()
+    am = il.load_model(model, "attention", tokenizer=tok)
+    out = am.attribute(*TEXTS["llama"], layers=[-1], heads=(0, 2), show_progress=False)[0]
+    ids = torch.tensor([[t.id for t in out.target]])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    last = attentions[-1][0, 0:2]  # [heads, Q, K]
+    assert out.target_attributions.shape[-2:] == (1, 2)
+    for n, p in enumerate(range(out.attr_pos_start, out.attr_pos_end)):
+        expected = last[:, p - 1, :p].T  # [keys, heads]
+        torch.testing.assert_close(out.target_attributions[:p, n, 0], expected)
+    whole = am.attribute(*TEXTS["llama"], show_progress=False)[0]
+    mean = torch.stack([a[0] for a in attentions]).mean(1).mean(0)  # mean over heads, then layers: [Q, K]
+    agg = whole.aggregate().target_attributions
+    for n, p in enumerate(range(whole.attr_pos_start, whole.attr_pos_end)):
+        col = mean[p - 1, :p]
+        torch.testing.assert_close(agg[:p, n], col / col.sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [{"layers": 5}, {"heads": [0, 9]}, {"layers": "all"}])
+def test_attention_selection_out_of_range_is_a_typed_error(hf_models, args):
+    from inseq_lightning.errors import InvalidInputError
+
+    model, tok = hf_models["llama"]
+    model = copy.deepcopy(model).eval()
+    am = il.load_model(model, "attention", tokenizer=tok)
+    implementation = model.config._attn_implementation
+    with pytest.raises(InvalidInputError, match="layers|heads"):
+        am.attribute(*TEXTS["llama"], show_progress=False, **args)
+    assert model.config._attn_implementation == implementation

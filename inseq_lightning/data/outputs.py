@@ -138,6 +138,10 @@ class FeatureAttributionSequenceOutput:
             normalize = not rescale
         if aggregator is None:
             steps = list(DEFAULT_AGGREGATORS[self.granularity]) if not self.aggregated else []
+            scores = self.source_attributions if self.source_attributions is not None else self.target_attributions
+            if self.granularity == "multidimensional" and scores is not None:
+                # inseq: one mean per extra dimension (value_zeroing's layers; attention's layers x heads)
+                steps = steps[: max(scores.ndim - 2, 0)]
         elif isinstance(aggregator, str):
             steps = [aggregator]
         else:
@@ -290,19 +294,26 @@ class FeatureAttributionOutput:
                                  **aggregate_kwargs)
 
     def save(self, path, overwrite: bool = False, compress: bool = False, ndarray_compact: bool = True,
-             use_primitives: bool = False, split_sequences: bool = False, scores_precision: str = "float32") -> None:
-        """Write JSON; tensors are base64 safetensors (or plain lists with ``use_primitives``)."""
+             use_primitives: bool = False, split_sequences: bool = False, scores_precision: str = "float32",
+             format: str = "inseq_lightning") -> None:
+        """Write JSON (gzipped with ``compress``). ``format="inseq_lightning"``: tensors are base64 safetensors (plain
+        lists with ``use_primitives``); ``format="inseq"``: the file inseq 0.7.1's ``save`` writes with the same
+        arguments, for inseq's ``load`` (see docs/semantics.md, "Files")."""
         from .serialization import save_output
 
         save_output(self, path, overwrite=overwrite, compress=compress, ndarray_compact=ndarray_compact,
-                    use_primitives=use_primitives, split_sequences=split_sequences, scores_precision=scores_precision)
+                    use_primitives=use_primitives, split_sequences=split_sequences, scores_precision=scores_precision,
+                    format=format)
 
     @staticmethod
-    def load(path) -> "FeatureAttributionOutput":
-        """Read a file written by :meth:`save` (plain or gzipped); never unpickles."""
+    def load(path, decompress: bool = False, max_decompressed_bytes: int | None = None) -> "FeatureAttributionOutput":
+        """Read a file written by :meth:`save` or by inseq 0.7.1's ``save`` (any of its options; gzip is detected,
+        ``decompress`` is accepted for inseq's signature). Never unpickles nor imports; a malformed or hostile file
+        raises :class:`~inseq_lightning.errors.InvalidFileError`, as does one expanding past
+        ``max_decompressed_bytes`` (default ``serialization.MAX_DECOMPRESSED_BYTES``, 256 MiB) when decompressed."""
         from .serialization import load_output
 
-        return load_output(path)
+        return load_output(path, max_decompressed_bytes=max_decompressed_bytes)
 
 
 # Info values that hold one entry per sequence (the rest describe the whole call).

@@ -2,6 +2,7 @@
 
 import torch
 
+from ...errors import InvalidInputError
 from ...utils.model_state import set_attn_implementation
 from ..engine import EngineContext
 from .base import AttributionMethod, MethodResult, register_method
@@ -23,13 +24,16 @@ class AttentionWeights(AttributionMethod):
 
     Args:
         ctx: the engine context of one batch. Results are ``[B, keys, N, layers, heads]`` (aggregated
-            by default as the mean over heads, then over layers).
+            by default as the mean over heads, then over layers, as inseq does).
+        layers: the layers kept: an index, a ``(start, end)`` range (end excluded) or a list of indices
+            (negative indices count from the last layer); None keeps all.
+        heads: the heads kept, in the same forms; None keeps all.
     """
 
     name = "attention"
     granularity = "multidimensional"
 
-    def attribute(self, ctx: EngineContext, **kwargs) -> MethodResult:
+    def attribute(self, ctx: EngineContext, layers=None, heads=None, **kwargs) -> MethodResult:
         model = ctx.model.model
         original = getattr(model.config, "_attn_implementation", None)
         if original not in (None, "eager"):
@@ -47,4 +51,32 @@ class AttentionWeights(AttributionMethod):
         if ctx.needs_logits:
             ctx.record_step_scores(ctx.step_logits(output.logits))
         sides = ctx.adapter.attention_rows(output, ctx.attribute_target)
-        return MethodResult(*(None if side is None else _rows_at_steps(torch.stack(side, 1), positions) for side in sides))
+        results = []
+        for side in sides:
+            if side is None:
+                results.append(None)
+                continue
+            stacked = torch.stack(side, 1)  # [B, layers, heads, Q, K]
+            keep_layers = _indices("layers", layers, stacked.shape[1])
+            keep_heads = _indices("heads", heads, stacked.shape[2])
+            stacked = stacked[:, keep_layers][:, :, keep_heads]
+            results.append(_rows_at_steps(stacked, positions))
+        return MethodResult(*results)
+
+
+def _indices(name: str, value, size: int) -> list[int]:
+    """``layers=``/``heads=`` as a list of indices into ``size`` (an int, a ``(start, end)`` range or a list)."""
+    if value is None:
+        return list(range(size))
+    if isinstance(value, int):
+        chosen = [value]
+    elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        chosen = list(range(*value))
+    elif isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+        chosen = list(value)
+    else:
+        raise InvalidInputError(f"{name} must be an int, a (start, end) range or a list of ints, got {value!r}")
+    if not chosen or any(not -size <= v < size for v in chosen):
+        raise InvalidInputError(f"{name}={value!r} is out of range: the model has {size} {name} "
+                                f"(indices {-size}..{size - 1})")
+    return [v % size for v in chosen]
