@@ -262,3 +262,44 @@ def test_attention_selection_out_of_range_is_a_typed_error(hf_models, args):
     with pytest.raises(InvalidInputError, match="layers|heads"):
         am.attribute(*TEXTS["llama"], show_progress=False, **args)
     assert model.config._attn_implementation == implementation
+
+
+# Small arguments so that every method runs in seconds on the demo's quick model.
+QUICK_KWARGS = {
+    "integrated_gradients": {"n_steps": 4}, "layer_integrated_gradients": {"n_steps": 4},
+    "sequential_integrated_gradients": {"n_steps": 2}, "discretized_integrated_gradients": {"n_steps": 4},
+    "gradient_shap": {"n_samples": 2, "seed": 0}, "lime": {"n_samples": 8, "seed": 0},
+    "reagent": {"max_probe_steps": 2, "num_probes": 2, "seed": 0},
+}
+
+
+@pytest.mark.parametrize("method", sorted(il.list_feature_attribution_methods()))
+def test_every_method_runs_in_the_monitor_on_the_demos_quick_model(method):
+    """inseq's sixteen methods, each in a monitor pass over the quick demo's chat probes (its tiny
+    GPT-2 with a ChatML template): finite maps over the answer tokens and the model's own probability."""
+    if method in ("lime", "discretized_integrated_gradients"):
+        pytest.importorskip("sklearn")
+    from inseq_lightning.demo.models import load_tiny
+    from inseq_lightning.demo.task import make_chat_probes
+    from inseq_lightning.monitor import ProbeMonitor
+
+    assert len(il.list_feature_attribution_methods()) == 16
+    model, tokenizer = load_tiny()
+    probes = make_chat_probes(n=2)
+    if method == "dummy":  # no maps to monitor: refused when the monitor is built, not at the first pass
+        from inseq_lightning.errors import InvalidInputError
+
+        with pytest.raises(InvalidInputError, match="dummy"):
+            ProbeMonitor(probes, method=method)
+        return
+    monitor = ProbeMonitor(probes, method=method, method_kwargs=QUICK_KWARGS.get(method, {}), faithfulness=False)
+    with torch.inference_mode():
+        report = monitor.run(model, tokenizer, step=0)
+    assert len(report.results) == 2
+    for result in report.results:
+        probability = result.step_scores["probability"]
+        assert 0 < probability < 1
+        agg = result.aggregated
+        scores = agg.source_attributions if agg.source_attributions is not None else agg.target_attributions
+        seen = ~scores.isnan()
+        assert seen.any() and torch.isfinite(scores[seen]).all()
