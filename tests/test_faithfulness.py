@@ -2,6 +2,7 @@
 formulas on models built so the answer is known, then a real monitor pass."""
 
 import copy
+import csv
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from inseq_lightning.monitor.faithfulness import (
     removal_count,
 )
 from inseq_lightning.monitor.values import FAITHFULNESS_VALUES, definition
+from inseq_lightning.sinks import FileSink
 from inseq_lightning.tiny_models import gpt2_tokenizer
 
 ANSWER = 7  # the token every step predicts
@@ -264,14 +266,14 @@ def test_cue_is_given_like_evidence_and_kept_in_the_state():
     assert ProbeSet.from_lists(["the cat sat"], [" on"], cues=[["cat"]]).probes[0].cue == ("cat",)
 
 
-def test_monitor_logs_cue_mass_plausibility_and_faithfulness(hf_models):
+def test_monitor_logs_cue_mass_plausibility_and_faithfulness(hf_models, tmp_path):
     model, tok = copy.deepcopy(hf_models["gpt2"][0]), hf_models["gpt2"][1]
     probes = [Probe("the cat sat", " on the mat", ("cat",), cue=("sat",)), Probe("Hello world", ", this is a cat")]
-    monitor = ProbeMonitor(probes, step_scores=("probability",), strict=True)
+    monitor = ProbeMonitor(probes, step_scores=("probability",), strict=True, faithfulness=True)
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
     rng = torch.get_rng_state()
-    report = monitor.run(model, tok, step=0)
+    report = monitor.run(model, tok, step=0, sinks=[FileSink(tmp_path)])
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     assert torch.equal(torch.get_rng_state(), rng)
 
@@ -296,6 +298,12 @@ def test_monitor_logs_cue_mass_plausibility_and_faithfulness(hf_models):
         assert f"{monitor.prefix}/mean/{name}" in report.scalars()
     for name in ("evidence_average_precision", "evidence_reciprocal_rank", "cue_mass"):
         assert means[name] == pytest.approx(rows["probe_0"][name]) and name not in rows["probe_1"]
+    with (tmp_path / "drift.csv").open() as handle:  # a sink carries them under the same names
+        logged = {row["probe"]: row for row in csv.DictReader(handle)}
+    for probe in ("probe_0", "probe_1", "mean"):
+        for name in FAITHFULNESS_VALUES:
+            assert float(logged[probe][name]) == pytest.approx(rows[probe][name], rel=1e-5, abs=1e-9), name
+    assert float(logged["probe_0"]["cue_mass"]) == pytest.approx(first.cue_mass, rel=1e-5)
     assert definition("comprehensiveness").better == "higher" and definition("sufficiency").better == "lower"
     assert definition("cue_mass").better == "lower" and definition("comprehensiveness_random").better is None
     # the unmasked probability is the attribution's own step score: the same model, the same inputs
@@ -309,7 +317,7 @@ def test_monitor_logs_cue_mass_plausibility_and_faithfulness(hf_models):
 def test_faithfulness_reads_the_attributions_own_probabilities_on_every_architecture(hf_models, name):
     model, tok = hf_models[name]
     probe = Probe("The cat sat", " on the mat") if name == "llama" else Probe("the cat sat", "Le chat est noir")
-    report = ProbeMonitor([probe], step_scores=("probability",), strict=True).run(model, tok, step=0)
+    report = ProbeMonitor([probe], step_scores=("probability",), strict=True, faithfulness=True).run(model, tok, 0)
     result = report.results[0]
     assert all(math.isfinite(result.faithfulness[n]) for n in FAITHFULNESS_VALUES)
     measured = probe_faithfulness(AttributionModel(model, tok), result.output.sequence_attributions[0])
@@ -319,21 +327,22 @@ def test_faithfulness_reads_the_attributions_own_probabilities_on_every_architec
 def test_generate_mode_measures_the_generated_ids(hf_models):
     model, tok = hf_models["gpt2"]
     probes = ProbeSet([Probe("the cat sat", None)], generate=True, generation_args={"max_new_tokens": 3})
-    result = ProbeMonitor(probes, step_scores=("probability",), strict=True).run(model, tok, step=0).results[0]
+    monitor = ProbeMonitor(probes, step_scores=("probability",), strict=True, faithfulness=True)
+    result = monitor.run(model, tok, step=0).results[0]
     measured = probe_faithfulness(AttributionModel(model, tok), result.output.sequence_attributions[0])
     assert measured.probability == pytest.approx(result.step_scores["probability"], rel=1e-5)
     assert all(math.isfinite(result.faithfulness[n]) for n in FAITHFULNESS_VALUES)
 
 
-def test_faithfulness_off_runs_no_extra_forward(hf_models):
+def test_faithfulness_is_off_by_default_and_costs_four_forwards_per_probe_when_on(hf_models):
     model, tok = hf_models["gpt2"]
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        on = ProbeMonitor([Probe("the cat sat", " on the mat")], step_scores=("probability",))
+        on = ProbeMonitor([Probe("the cat sat", " on the mat")], step_scores=("probability",), faithfulness=True)
         on.run(model, tok, step=0)
         with_faithfulness, calls[:] = len(calls), []
-        off = ProbeMonitor([Probe("the cat sat", " on the mat")], step_scores=("probability",), faithfulness=False)
+        off = ProbeMonitor([Probe("the cat sat", " on the mat")], step_scores=("probability",))
         report = off.run(model, tok, step=0)
     finally:
         handle.remove()

@@ -5,6 +5,7 @@ offline runs read back from their transaction log (tests/wandb_reader.py).
 """
 
 import copy
+import math
 import glob
 import json
 import warnings
@@ -288,3 +289,36 @@ def test_compiled_model_is_attributed_through_its_original_module(hf_models, tmp
         expected = eager[result.probe.name][0]
         assert result.step_scores["probability"] == pytest.approx(expected.step_scores["probability"].mean().item(),
                                                                   rel=1e-5)
+
+
+def test_faithfulness_values_reach_tensorboard_wandb_and_callback_metrics(hf_models, tmp_path, wandb_offline):
+    """AttributionMonitor(faithfulness=True) in a real fit: every probe's comprehensiveness,
+    sufficiency, their random baselines and the plausibility values are TensorBoard and W&B scalars at
+    every pass (read back with their own readers), equal to the report's, and the means reach
+    ``trainer.callback_metrics`` where EarlyStopping/ModelCheckpoint read them."""
+    import wandb
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    wb = WandbLogger(save_dir=tmp_path, project="tests")
+    monitor = AttributionMonitor(make_probes(2), every_n_train_steps=2, faithfulness=True,
+                                 faithfulness_fractions=(0.2, 0.5))
+    trainer = _trainer(tmp_path, [monitor], [tb, wb], max_steps=2)
+    trainer.fit(_module(hf_models))
+    wandb.finish()
+    prefix = "attribution/saliency"
+    names = ("comprehensiveness", "sufficiency", "comprehensiveness_random", "sufficiency_random",
+             "soft_comprehensiveness", "evidence_average_precision", "evidence_reciprocal_rank")
+    events = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0}).Reload()
+    run_dir = Path(glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))[0])
+    rows = [r for r in history_rows(next(run_dir.glob("run-*.wandb"))) if f"{prefix}/probe_0/comprehensiveness" in r]
+    assert [r["trainer/global_step"] for r in rows] == [0, 2]
+    last = monitor.reports[-1]
+    for name in names:
+        logged = events.Scalars(f"{prefix}/probe_0/{name}")
+        assert [e.step for e in logged] == [0, 2]
+        expected = last.results[0].scalars()[name]
+        assert math.isfinite(expected)
+        assert logged[-1].value == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert rows[-1][f"{prefix}/probe_0/{name}"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert float(trainer.callback_metrics[f"{prefix}/mean/{name}"]) == pytest.approx(last.means()[name],
+                                                                                          rel=1e-6, abs=1e-7)

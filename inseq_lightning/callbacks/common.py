@@ -35,9 +35,10 @@ class MonitorCallbackBase:
 
     def _init_monitor(self, probes, method: str, step_scores: Sequence[str], method_kwargs: dict[str, Any] | None,
                       batch_size: int, strict: bool, prefix: str | None, log_options: dict[str, bool],
-                      save_files: bool | None, sinks: Sequence[Sink], extra_values=None) -> None:
+                      save_files: bool | None, sinks: Sequence[Sink], extra_values=None,
+                      faithfulness: dict[str, Any] | None = None) -> None:
         self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
-                                    extra_values)
+                                    extra_values, **(faithfulness or {}))
         self.log_options = dict(log_options)
         self.save_files = save_files
         self.extra_sinks = list(sinks)

@@ -63,6 +63,11 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         sinks: extra :class:`~inseq_lightning.sinks.Sink` objects.
         extra_values: ``{name: fn(result) -> float}``, values of your own computed per probe and logged
             like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
+        faithfulness: measure comprehensiveness and sufficiency of every probe's map each pass (AOPC over
+            ``faithfulness_fractions``, soft variants, a random-ranking baseline; docs/monitoring.md).
+            Off by default: on CPU it costs 1-3x the pass itself.
+        faithfulness_fractions: shares of the context removed/kept.
+        faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
 
     With ``attribution_strategy="eval"`` each pass runs as the evaluation logs its metrics, and the
     means over probes are added to those metrics as ``eval_<prefix>/mean/<name>`` (the Trainer's own
@@ -101,6 +106,9 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         tb_writer=None,
         sinks: Sequence[Sink] = (),
         extra_values: dict[str, Any] | None = None,
+        faithfulness: bool = False,
+        faithfulness_fractions: Sequence[float] = (0.1, 0.2, 0.5),
+        faithfulness_ranking: str = "aggregated",
     ):
         if attribution_strategy not in STRATEGIES:
             raise ValueError(f"attribution_strategy must be one of {STRATEGIES}, got {attribution_strategy!r}")
@@ -108,8 +116,10 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             raise ValueError(f"attribution_strategy='steps' needs attribution_steps >= 1, got {attribution_steps!r}")
         probe_set = ProbeSet.coerce(probes)
         log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html, "log_table": log_table}
+        faithfulness_options = {"faithfulness": faithfulness, "faithfulness_fractions": tuple(faithfulness_fractions),
+                            "faithfulness_ranking": faithfulness_ranking}
         self._init_monitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix, log_options,
-                           save_files, (), extra_values)
+                           save_files, (), extra_values, faithfulness_options)
         self.attribution_strategy = attribution_strategy
         self.attribution_steps = attribution_steps
         self.attribute_on_train_begin = attribute_on_train_begin
@@ -117,7 +127,8 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
                       "attribution_strategy": attribution_strategy, "attribution_steps": attribution_steps,
                       "attribute_on_train_begin": attribute_on_train_begin, "method_kwargs": dict(method_kwargs or {}),
                       "batch_size": batch_size, "strict": strict, "prefix": prefix, "save_files": save_files,
-                      **self.log_options}
+                      **self.log_options, **faithfulness_options,
+                                             "faithfulness_fractions": list(faithfulness_options["faithfulness_fractions"])}
         # The trainer is held weakly: a callback kept by the user must not keep a finished run alive.
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tokenizer, self._tb_writer, self.extra_sinks = tokenizer, tb_writer, list(sinks)

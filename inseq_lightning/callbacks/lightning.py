@@ -48,6 +48,11 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         sinks: extra :class:`~inseq_lightning.sinks.Sink` objects (MLflow, a database, ...), fed on rank zero.
         extra_values: ``{name: fn(result) -> float}``, values of your own computed per probe and logged
             like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
+        faithfulness: measure comprehensiveness and sufficiency of every probe's map each pass (AOPC over
+            ``faithfulness_fractions``, soft variants, a random-ranking baseline; docs/monitoring.md).
+            Off by default: on CPU it costs 1-3x the pass itself.
+        faithfulness_fractions: shares of the context removed/kept.
+        faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
 
     After each pass the means over probes are in ``trainer.callback_metrics`` as
     ``<prefix>/mean/<name>`` (e.g. ``attribution/saliency/mean/evidence_mass``), on every rank, so
@@ -85,6 +90,9 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         prefix: str | None = None,
         sinks: Sequence[Sink] = (),
         extra_values: dict[str, Any] | None = None,
+        faithfulness: bool = False,
+        faithfulness_fractions: Sequence[float] = (0.1, 0.2, 0.5),
+        faithfulness_ranking: str = "aggregated",
     ):
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise MisconfigurationException(
@@ -98,7 +106,9 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             every_n_epochs = 1
         self._init_monitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
                            {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
-                            "log_table": log_table}, save_files, sinks, extra_values)
+                            "log_table": log_table}, save_files, sinks, extra_values,
+                           {"faithfulness": faithfulness, "faithfulness_fractions": tuple(faithfulness_fractions),
+                            "faithfulness_ranking": faithfulness_ranking})
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.attribute_on_fit_start = attribute_on_fit_start

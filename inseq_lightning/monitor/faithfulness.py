@@ -215,7 +215,7 @@ def _measure(forward: _Forward, scores: np.ndarray, fractions: tuple[float, ...]
     defined = all(w is not None for w in soft)
     rows = [np.zeros(n_context)]
     if defined:
-        rows += [w for w in soft] + [removable * (1.0 - w) for w in soft]
+        rows += [*soft, *(removable * (1.0 - w) for w in soft)]
     probabilities = forward(np.stack(rows))
     full = probabilities[0]
     values = dict(nan)
@@ -231,7 +231,7 @@ def _measure(forward: _Forward, scores: np.ndarray, fractions: tuple[float, ...]
         rows = []
         for ranked in (orders, random_orders):
             top = [_top(order, n, n_context) for order in ranked]
-            rows += [[t for t in top], [removable * (1.0 - t) for t in top]]  # remove the top / keep only it
+            rows += [top, [removable * (1.0 - t) for t in top]]  # remove the top / keep only it
         # Row blocks in ``kinds`` order: (ranked remove, ranked keep, random remove, random keep).
         probabilities = forward(np.stack([row for block in rows for row in block]))
         per_fraction[fraction] = {kind: float(np.mean(full - read(probabilities, i * len(columns))))

@@ -61,7 +61,8 @@ class ProbeMonitor:
         faithfulness: after attributing each probe, measure how faithful its map is
             (comprehensiveness, sufficiency, their soft variants and a random baseline; see
             :mod:`.faithfulness`): ``len(faithfulness_fractions) + 1`` extra batched forwards per
-            probe, no backward. On by default.
+            probe (15 rows of the probe's length at the defaults), no backward. Off by default: on
+            CPU it costs about twice the attribution itself (docs/monitoring.md).
         faithfulness_fractions: the top-k fractions of the context tokens averaged over (AOPC).
         faithfulness_ranking: ``"aggregated"`` (default) ranks the context tokens by their scores
             summed over the attributed tokens; ``"per_step"`` ranks them for each attributed token by
@@ -74,10 +75,12 @@ class ProbeMonitor:
     def __init__(self, probes, method: str = "saliency", step_scores: Sequence[str] = ("probability",),
                  method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
                  prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None,
-                 faithfulness: bool = True, faithfulness_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 faithfulness: bool = False, faithfulness_fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  faithfulness_ranking: str = "aggregated"):
         self.probes = ProbeSet.coerce(probes)
-        get_method(method)  # unknown names fail here, with the list of valid ones
+        if get_method(method).granularity == "none":  # unknown names fail in get_method, listing the valid ones
+            raise InvalidInputError(f"method {method!r} computes no attributions, so there are no maps to monitor; "
+                                    "choose an attribution method (step scores are computed alongside any of them)")
         for name in step_scores:
             get_step_function(name)
         if batch_size < 1:
