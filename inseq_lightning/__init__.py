@@ -15,12 +15,17 @@ _EXPORTS = {
     "FeatureAttributionSequenceOutput": ".data",
     "FeatureAttributionStepOutput": ".data",
     "StepFunctionArgs": ".attr.step_functions",
+    "TokenWithId": ".data",
+    "list_aggregation_functions": ".data.aggregation",
+    "list_aggregators": ".data.aggregation",
     "list_feature_attribution_methods": ".attr.methods",
     "list_step_functions": ".attr.step_functions",
     "load_model": ".models",
     "merge_attributions": ".data",
     "register_step_function": ".attr.step_functions",
     "show_attributions": ".viz",
+    "show_granular_attributions": ".viz",
+    "show_token_attributions": ".viz",
 }
 
 __all__ = [
@@ -29,12 +34,17 @@ __all__ = [
     "FeatureAttributionSequenceOutput",
     "FeatureAttributionStepOutput",
     "StepFunctionArgs",
+    "TokenWithId",
+    "list_aggregation_functions",
+    "list_aggregators",
     "list_feature_attribution_methods",
     "list_step_functions",
     "load_model",
     "merge_attributions",
     "register_step_function",
     "show_attributions",
+    "show_granular_attributions",
+    "show_token_attributions",
 ]
 
 if TYPE_CHECKING:
@@ -44,10 +54,12 @@ if TYPE_CHECKING:
         FeatureAttributionOutput,
         FeatureAttributionSequenceOutput,
         FeatureAttributionStepOutput,
+        TokenWithId,
         merge_attributions,
     )
+    from .data.aggregation import list_aggregation_functions, list_aggregators
     from .models import AttributionModel, load_model
-    from .viz import show_attributions
+    from .viz import show_attributions, show_granular_attributions, show_token_attributions
 
 
 def __getattr__(name: str):

@@ -70,7 +70,9 @@ print(json.dumps({"names": names, "star": all(name in globals() for name in il._
 """)
     assert seen["names"] == {
         "AttributionModel": "type", "FeatureAttributionOutput": "type", "FeatureAttributionSequenceOutput": "type",
-        "FeatureAttributionStepOutput": "type", "StepFunctionArgs": "type",
+        "FeatureAttributionStepOutput": "type", "StepFunctionArgs": "type", "TokenWithId": "type",
+        "list_aggregation_functions": "function", "list_aggregators": "function",
         "list_feature_attribution_methods": "function", "list_step_functions": "function", "load_model": "function",
-        "merge_attributions": "function", "register_step_function": "function", "show_attributions": "function"}
+        "merge_attributions": "function", "register_step_function": "function", "show_attributions": "function",
+        "show_granular_attributions": "function", "show_token_attributions": "function"}
     assert seen["star"] and seen["in_dir"] and seen["submodule"] == "load_model"  # subpackages stay attributes

@@ -51,9 +51,11 @@ def test_step_attributions_are_saved_and_loaded(tmp_path):
         n_steps = seq.attr_pos_end - seq.attr_pos_start
         assert len(loaded.step_attributions) == n_steps
         for k, step in enumerate(loaded.step_attributions):
-            # step k of sequence i alone equals column k of its sequence output
+            # step k of sequence i alone equals column k of its sequence output, over the prefix it sees (inseq's)
             assert step.target[0].id == seq.generated[k].id
-            assert torch.allclose(step.target_attributions[0], seq.target_attributions[:, k], equal_nan=True)
+            rows = step.target_attributions.shape[1]
+            assert rows == seq.attr_pos_start + k
+            assert torch.allclose(step.target_attributions[0], seq.target_attributions[:rows, k], equal_nan=True)
             assert step.step_scores["probability"][0] == seq.step_scores["probability"][k]
 
 

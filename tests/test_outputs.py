@@ -62,8 +62,10 @@ def test_subword_spans_follow_word_markers():
 
 
 def test_subwords_aggregator_merges_word_pieces(gpt2_out):
-    merged = gpt2_out[0].aggregate().aggregate("subwords")
+    merged = gpt2_out[0].aggregate().aggregate("words")  # this library's word markers (every tokenizer family)
     assert merged.target[0].token == "Hello"
+    inseqs = gpt2_out[0].aggregate().aggregate("subwords", special_chars=("Ġ",))  # inseq's: markers given
+    assert inseqs.target[0].token == "Hello"
 
 
 def test_add_merges_outputs(hf_models):

@@ -1,4 +1,5 @@
-"""Subword aggregation: merged outputs keep rows, columns, labels and step scores consistent, also when a
+"""Word aggregation (this library's ``"words"`` aggregator; inseq's ``"subwords"`` is tested in
+tests/test_output_api.py): merged outputs keep rows, columns, labels and step scores consistent, also when a
 word is cut by the prompt's end (a prompt token is context, never a step)."""
 
 import math
@@ -102,7 +103,7 @@ def test_word_cut_by_the_prompt_splits_into_a_context_row_and_a_step():
     seq = FeatureAttributionSequenceOutput(
         source=target[:2], target=target, target_attributions=scores,
         step_scores={"probability": torch.tensor([0.5, 0.2, 0.4])}, attr_pos_start=2, aggregated=True)
-    merged = seq.aggregate("subwords")
+    merged = seq.aggregate("words")
     assert [t.token for t in merged.target] == ["▁The", "▁ca", "t", "▁sat"]
     assert [t.token for t in merged.source] == ["▁The", "▁ca"]
     assert (merged.attr_pos_start, merged.attr_pos_end) == (2, 4)
@@ -140,7 +141,7 @@ def test_word_cut_by_the_prompt_on_a_real_attribution(gpt2_model):
     tokens = [t.token for t in seq.target]
     start = seq.attr_pos_start
     assert not tokens[start].startswith(WORD_START)  # "France" really is cut by the prompt's end
-    merged = seq.aggregate("subwords")
+    merged = seq.aggregate("words")
     check_merged(seq, merged)
     word_start = max(i for i in range(start) if tokens[i].startswith(WORD_START))
     assert merged.source[-1].token == "".join(tokens[word_start:start])  # the prompt's piece of "France"
@@ -158,7 +159,7 @@ def test_random_prompt_boundaries_keep_merged_outputs_consistent(model_name, req
         if not prompt_is_token_prefix(am.tokenizer, prompt, text):
             continue  # attribute() needs the prompt's tokens to start the text's tokens
         seq = am.attribute(prompt, text, step_scores=["probability"], show_progress=False)[0].aggregate()
-        check_merged(seq, seq.aggregate("subwords"))
+        check_merged(seq, seq.aggregate("words"))
         checked += 1
         cut_words += not seq.target[seq.attr_pos_start].token.startswith(WORD_START)
         if checked == 40:
@@ -184,7 +185,7 @@ def test_random_outputs_keep_merged_outputs_consistent(tokenizer):
         seq = FeatureAttributionSequenceOutput(
             source=target[:start], target=target, target_attributions=scores, attr_pos_start=start,
             attr_pos_end=end, step_scores={"probability": torch.rand(end - start)}, aggregated=True)
-        check_merged(seq, seq.aggregate("subwords"))
+        check_merged(seq, seq.aggregate("words"))
 
 
 def test_encoder_decoder_merges_source_words_and_target_steps():
@@ -192,7 +193,7 @@ def test_encoder_decoder_merges_source_words_and_target_steps():
     am = il.load_model(model, "saliency", tokenizer=tok)
     seq = am.attribute("Paris is the capital of France", "Le chat est noir", attribute_target=True,
                        step_scores=["probability"], show_progress=False)[0].aggregate()
-    merged = seq.aggregate("subwords")
+    merged = seq.aggregate("words")
     check_merged(seq, merged)
     assert merged.target[0].token == seq.target[0].token  # the decoder start token is never merged into a step
     assert len(merged.source) < len(seq.source) and len(merged.generated) < len(seq.generated)

@@ -66,6 +66,7 @@ class AttributionModel(InseqModelAPI):
         return {
             "model_name": getattr(self.model.config, "name_or_path", "") or type(self.model).__name__,
             "model_class": type(self.model).__name__,
+            "tokenizer_name": getattr(self.tokenizer, "name_or_path", None) or None,
             "tokenizer_class": type(self.tokenizer).__name__,
         }
 
@@ -134,7 +135,9 @@ class AttributionModel(InseqModelAPI):
         attributed_fn: str | Callable | None = None,
         device: str | None = None,
         batch_size: int | None = None,
+        generate_from_target_prefix: bool = False,
         skip_special_tokens: bool = False,
+        clean_special_chars: bool = False,
         generation_args: dict[str, Any] | None = None,
         memory_budget_bytes: int | None = None,
         backward_strategy: BackwardStrategy | None = None,
@@ -156,6 +159,12 @@ class AttributionModel(InseqModelAPI):
             step_scores: step function names computed alongside (``[N]`` per sequence).
             attributed_fn: step function name or callable whose value is attributed (default probability).
             batch_size: sequences per forward (default: all at once).
+            generate_from_target_prefix: encoder-decoder only (ignored with a warning otherwise, as in inseq): the
+                ``generated_texts`` are prefixes the model continues (with ``generation_args``), and the whole
+                generation is attributed.
+            skip_special_tokens: tokenize without special tokens (inseq's).
+            clean_special_chars: show tokens as text in the output (``"Ġcat"`` -> ``" cat"``: the tokenizer's
+                ``convert_tokens_to_string`` of each token, as inseq does); ids and scores are unchanged.
             memory_budget_bytes: extra memory the vectorised backward may use: steps are chunked to
                 fit. Default: a quarter of the model's parameter memory, at least 64 MiB; 0 takes one
                 step per backward.
@@ -176,6 +185,14 @@ class AttributionModel(InseqModelAPI):
             raise InvalidInputError("input_texts is empty; pass at least one text")
         check_texts("input_texts", input_list)
         method_name = method or self.default_attribution_method
+        constrained_decoding = generated_texts is not None
+        if generate_from_target_prefix and not self.is_encoder_decoder:
+            logger.warning("generate_from_target_prefix parameter is set to True, but will be ignored (not an "
+                           "encoder-decoder).")
+            generate_from_target_prefix = False
+        if generate_from_target_prefix and generated_texts is None:
+            raise InvalidInputError("generate_from_target_prefix=True needs generated_texts: the target prefixes "
+                                    "the model continues")
         request = build_request(
             len(input_list), method_name, attributed_fn, self.default_attributed_fn_id, step_scores, kwargs,
             attribute_target=attribute_target, output_step_attributions=output_step_attributions,
@@ -191,7 +208,12 @@ class AttributionModel(InseqModelAPI):
         # flow to the inputs only (sharded models keep their flags: FSDP registers hooks from them).
         with preserve_model_state(self.model, freeze=not has_sharded_parameters(self.model)):
             generated_ids = None
-            if generated_texts is None:
+            if generate_from_target_prefix:
+                generated_ids = self._generate_from_prefixes(input_list, generated_texts, skip_special_tokens,
+                                                             generation_args)
+                generated_list = [self.decode_generation(text, ids, skip_special_tokens)
+                                  for text, ids in zip(input_list, generated_ids)]
+            elif generated_texts is None:
                 # The generated ids are attributed as they are: decoded text re-tokenizes differently
                 # (a Metaspace tokenizer drops the first space, partial UTF-8 bytes become U+FFFD).
                 generated_ids = self.generate_ids(input_list, skip_special_tokens=skip_special_tokens, **generation_args)
@@ -229,6 +251,8 @@ class AttributionModel(InseqModelAPI):
                     for batch, contrast in zip(batches, contrasts):
                         outputs.append(self._attribute_batch(batch, request, contrast, advance))
         out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
+        if clean_special_chars:
+            _clean_special_chars(out, self.tokenizer)
         out.info = {
             "attribution_method": method_name,
             "input_texts": input_list,
@@ -244,10 +268,37 @@ class AttributionModel(InseqModelAPI):
             "generation_args": generation_args,
             "include_eos_baseline": include_eos_baseline,
             "output_step_attributions": output_step_attributions,
+            "constrained_decoding": constrained_decoding,
+            "generate_from_target_prefix": generate_from_target_prefix,
             "exec_time": time.perf_counter() - started,
             **self.info,
         }
         return out
+
+    def _pad_token(self) -> TokenWithId:
+        """The pad token (inseq pads step outputs with it); EOS when the tokenizer has none."""
+        pad = self.tokenizer.pad_token if self.tokenizer.pad_token is not None else self.tokenizer.eos_token
+        pad_id = self.special_ids.pad
+        return TokenWithId(str(pad) if pad is not None else "", int(pad_id) if pad_id is not None else -1)
+
+    def _generate_from_prefixes(self, input_list: list[str], prefixes, skip_special_tokens: bool,
+                                generation_args: dict[str, Any]) -> list[list[int]]:
+        """inseq's ``generate_from_target_prefix``: each input's generation continues its target prefix (passed
+        as ``decoder_input_ids``, tokenized without special tokens; ``generate`` adds the decoder start token)."""
+        from .tokenization import encode_as_target
+
+        prefix_list = [prefixes] if isinstance(prefixes, str) else list(prefixes)
+        if len(prefix_list) != len(input_list):
+            raise InvalidInputError(f"input_texts has {len(input_list)} texts but generated_texts has "
+                                    f"{len(prefix_list)} prefixes; pass one per input")
+        check_texts("generated_texts", prefix_list)
+        results = []
+        for text, prefix in zip(input_list, prefix_list):
+            ids = torch.tensor([encode_as_target(self, prefix, skip_special_tokens=True)], dtype=torch.long,
+                               device=self.device)
+            results.extend(self.generate_ids([text], skip_special_tokens=skip_special_tokens,
+                                             **{**generation_args, "decoder_input_ids": ids}))
+        return results
 
     def _attribute_batch(self, batch: Batch, request: AttributionRequest, contrast,
                          advance: Callable[[float], None] = lambda n: None) -> FeatureAttributionOutput:
@@ -296,8 +347,32 @@ class AttributionModel(InseqModelAPI):
                 attr_pos_end=end,
                 granularity=granularity,
             ))
-        steps = _step_outputs(sequences, batch) if with_steps else None
+        steps = _step_outputs(sequences, batch, self._pad_token()) if with_steps else None
         return FeatureAttributionOutput(sequences, steps, {})
+
+
+def _clean_special_chars(out: FeatureAttributionOutput, tokenizer) -> None:
+    """inseq's ``clean_special_chars``: every token string (sequence and step outputs) replaced by the
+    tokenizer's ``convert_tokens_to_string`` of that token alone (kept when that is empty)."""
+    cache: dict[str, str] = {}
+
+    def clean(token: TokenWithId) -> TokenWithId:
+        if token.token not in cache:
+            try:
+                text = tokenizer.convert_tokens_to_string([token.token])
+            except Exception:  # noqa: BLE001 - a label the tokenizer cannot read (a merged or contrast label)
+                text = ""
+            cache[token.token] = text or token.token
+        return TokenWithId(cache[token.token], token.id)
+
+    for seq in out.sequence_attributions:
+        seq.source = [clean(t) for t in seq.source]
+        seq.target = [clean(t) for t in seq.target]
+    for step in out.step_attributions or []:
+        for name in ("source", "prefix", "target"):
+            rows = getattr(step, name)
+            if rows is not None:
+                setattr(step, name, [type(row)(clean(t) for t in row) for row in rows])
 
 
 def _chunk(value, indices: range):
@@ -313,26 +388,57 @@ def _owned(view: torch.Tensor) -> torch.Tensor:
     return view.clone()
 
 
-def _step_outputs(sequences: list[FeatureAttributionSequenceOutput], batch: Batch) -> list[FeatureAttributionStepOutput]:
-    """One output per step index holding that step of every sequence that has it."""
+def _step_outputs(sequences: list[FeatureAttributionSequenceOutput], batch: Batch,
+                  pad: TokenWithId | None = None) -> list[FeatureAttributionStepOutput]:
+    """inseq's per-step outputs, built from the sequence outputs.
+
+    Decoder-only, and methods inseq runs once on the final step (attention, value zeroing): one output per step
+    of each sequence in turn (inseq attributes those one sequence at a time). Encoder-decoder: one output per
+    step of the batch, a row per sequence, as inseq batches them; rows of a sequence that has ended are NaN with
+    pad tokens, source rows past a sequence's source are NaN (inseq holds the pad tokens' scores there).
+    ``target_attributions`` of a step holds the ``position`` prefix rows it sees.
+    """
+    batched = batch.source_ids is not None and not (sequences and sequences[0].granularity == "multidimensional")
+    groups = [sequences] if batched else [[s] for s in sequences]
+    pad = pad or TokenWithId("<pad>", -1)
     steps = []
-    for k in range(batch.max_steps):
-        present = [s for s in sequences if k < s.attr_pos_end - s.attr_pos_start]
-        steps.append(FeatureAttributionStepOutput(
-            source_attributions=_stack_col([s.source_attributions for s in present], k),
-            target_attributions=_stack_col([s.target_attributions for s in present], k),
-            step_scores={name: torch.stack([s.step_scores[name][k] for s in present]) for name in present[0].step_scores},
-            target=[s.generated[k] for s in present],
-        ))
+    for group in groups:
+        n_steps = [s.attr_pos_end - s.attr_pos_start for s in group]
+        for k in range(max(n_steps)):
+            alive = [k < n for n in n_steps]
+            positions = [s.attr_pos_start + k for s in group]
+            prefixes = [(s.target + [pad] * (p + 1))[:p] for s, p in zip(group, positions)]
+            source_rows = max(len(s.source) for s in group)
+            has_source = group[0].source_attributions is not None
+            steps.append(FeatureAttributionStepOutput(
+                source_attributions=_stack_col([s.source_attributions for s in group], k, alive)
+                if has_source else None,
+                step_scores={name: torch.stack([s.step_scores[name][k] if a else
+                                                torch.tensor(float("nan"), dtype=s.step_scores[name].dtype)
+                                                for s, a in zip(group, alive)])
+                             for name in group[0].step_scores},
+                target_attributions=_stack_col([s.target_attributions for s in group], k, alive, positions)
+                if group[0].target_attributions is not None else None,
+                source=[list(s.source) + [pad] * (source_rows - len(s.source)) for s in group]
+                if batch.source_ids is not None else None,
+                prefix=prefixes,
+                target=[[s.target[p] if a else pad] for s, p, a in zip(group, positions, alive)],
+            ))
     return steps
 
 
-def _stack_col(tensors: list[torch.Tensor | None], k: int) -> torch.Tensor | None:
-    if not tensors or tensors[0] is None:
-        return None
-    cols = [t[:, k] for t in tensors]
-    length = max(c.shape[0] for c in cols)
-    padded = [torch.nn.functional.pad(c, [0, 0] * (c.ndim - 1) + [0, length - c.shape[0]], value=float("nan")) for c in cols]
+def _stack_col(tensors: list[torch.Tensor], k: int, alive: list[bool], rows: list[int] | None = None,
+               ) -> torch.Tensor:
+    """Column ``k`` of each sequence's scores (its first ``rows`` rows), NaN for sequences past their last step,
+    stacked with the token dimension NaN-padded to the longest: ``[B, L, ...]``."""
+    cols = []
+    for i, (t, a) in enumerate(zip(tensors, alive)):
+        length = t.shape[0] if rows is None else min(rows[i], t.shape[0])
+        col = t[:length, min(k, t.shape[1] - 1)]
+        cols.append(col if a else torch.full_like(col, float("nan")))
+    length = max(rows) if rows is not None else max(c.shape[0] for c in cols)
+    padded = [torch.nn.functional.pad(c, [0, 0] * (c.ndim - 1) + [0, length - c.shape[0]], value=float("nan"))
+              for c in cols]
     return torch.stack(padded)
 
 

@@ -67,3 +67,30 @@ def figure_to_rgb(fig) -> np.ndarray:
     """``[H, W, 3]`` uint8 pixels of a figure."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def panels_figure(panels: list, min_val=None, max_val=None, title: str | None = None):
+    """Granular panels (:class:`.granular.Panel`) side by side in one figure, one colour scale."""
+    values = [v for p in panels for v in p.scores.reshape(-1).tolist()]
+    lo, hi = score_range(values, min_val, max_val)
+    signed = lo < 0 < hi
+    bound = max(abs(lo), abs(hi))
+    n = max(len(panels), 1)
+    width = max(4.0, 0.5 * max((len(p.column_labels) for p in panels), default=1) + 2)
+    height = max(3.0, 0.3 * max((len(p.row_labels) for p in panels), default=1) + 1.5)
+    fig = Figure(figsize=(width * min(n, 4), height * math.ceil(n / 4)))
+    FigureCanvasAgg(fig)
+    image = None
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(math.ceil(n / 4), min(n, 4), i + 1)
+        data = panel.scores.numpy().astype(float)
+        image = ax.imshow(np.ma.masked_invalid(data), cmap="bwr" if signed else "Reds", aspect="auto",
+                          vmin=-bound if signed else lo, vmax=bound if signed else hi)
+        ax.set_xticks(range(len(panel.column_labels)), panel.column_labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(panel.row_labels)), panel.row_labels, fontsize=7)
+        ax.set_title(panel.title, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, fraction=0.03, pad=0.02)
+    return fig
