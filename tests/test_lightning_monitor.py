@@ -5,9 +5,9 @@ offline runs read back from their transaction log (tests/wandb_reader.py).
 """
 
 import copy
-import math
 import glob
 import json
+import math
 import warnings
 from pathlib import Path
 
