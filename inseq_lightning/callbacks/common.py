@@ -36,9 +36,9 @@ class MonitorCallbackBase:
     def _init_monitor(self, probes, method: str, step_scores: Sequence[str], method_kwargs: dict[str, Any] | None,
                       batch_size: int, strict: bool, prefix: str | None, log_options: dict[str, bool],
                       save_files: bool | None, sinks: Sequence[Sink], extra_values=None,
-                      faithfulness: dict[str, Any] | None = None) -> None:
+                      faithfulness: dict[str, Any] | None = None, alerts: dict[str, Any] | None = None) -> None:
         self.monitor = ProbeMonitor(probes, method, step_scores, method_kwargs, batch_size, strict, prefix,
-                                    extra_values, **(faithfulness or {}))
+                                    extra_values, **(faithfulness or {}), **(alerts or {}))
         self.log_options = dict(log_options)
         self.save_files = save_files
         self.extra_sinks = list(sinks)
@@ -79,6 +79,14 @@ class MonitorCallbackBase:
         if report is not None:
             self.reports = (self.reports + [report])[-KEEP_REPORTS:]
         return report
+
+    def summary(self) -> str:
+        """One line: training passes, the stabilization point and the alerts fired (printed at the end of fit)."""
+        return self.monitor.summary()
+
+    def _print_summary(self) -> None:
+        if self.monitor.stabilization.passes or self.monitor.alerts.fired:
+            print(self.summary())  # the one line a run ends with
 
     def _close_sinks(self) -> None:
         for sink in self.sinks:

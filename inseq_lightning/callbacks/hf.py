@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..monitor import AttributionMonitorWarning
+from ..monitor.alerts import AlertRule
 from ..monitor.probes import ProbeSet
 from ..sinks import Sink
 from .common import MonitorCallbackBase, unwrap_for_attribution
@@ -68,6 +69,12 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             Off by default: on CPU it costs 1-3x the pass itself.
         faithfulness_fractions: shares of the context removed/kept.
         faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
+        alerts: :class:`~inseq_lightning.monitor.alerts.AlertRule` objects checked after every training
+            pass (below/above a threshold, change against the first or previous pass, with patience);
+            a rule with ``stop_training=True`` sets ``control.should_training_stop`` when it fires.
+        canary_alert: when a probe has a cue, warn when its ``cue_mass`` rises above its ``evidence_mass``.
+        stabilization_metric, stabilization_tolerance: the stabilization point (``mean/stabilization_step``):
+            the first pass after which ``mean/drift_prev/<metric>`` stayed within the tolerance.
 
     With ``attribution_strategy="eval"`` each pass runs as the evaluation logs its metrics, and the
     means over probes are added to those metrics as ``eval_<prefix>/mean/<name>`` (the Trainer's own
@@ -109,6 +116,10 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         faithfulness: bool = False,
         faithfulness_fractions: Sequence[float] = (0.1, 0.2, 0.5),
         faithfulness_ranking: str = "aggregated",
+        alerts: Sequence = (),
+        canary_alert: bool = True,
+        stabilization_metric: str = "cosine",
+        stabilization_tolerance: float = 0.05,
     ):
         if attribution_strategy not in STRATEGIES:
             raise ValueError(f"attribution_strategy must be one of {STRATEGIES}, got {attribution_strategy!r}")
@@ -118,8 +129,11 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html, "log_table": log_table}
         faithfulness_options = {"faithfulness": faithfulness, "faithfulness_fractions": tuple(faithfulness_fractions),
                             "faithfulness_ranking": faithfulness_ranking}
+        alert_options = {"alerts": [AlertRule.coerce(rule) for rule in alerts], "canary_alert": canary_alert,
+                         "stabilization_metric": stabilization_metric,
+                         "stabilization_tolerance": float(stabilization_tolerance)}
         self._init_monitor(probe_set, method, step_scores, method_kwargs, batch_size, strict, prefix, log_options,
-                           save_files, (), extra_values, faithfulness_options)
+                           save_files, (), extra_values, faithfulness_options, alert_options)
         self.attribution_strategy = attribution_strategy
         self.attribution_steps = attribution_steps
         self.attribute_on_train_begin = attribute_on_train_begin
@@ -128,7 +142,8 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
                       "attribute_on_train_begin": attribute_on_train_begin, "method_kwargs": dict(method_kwargs or {}),
                       "batch_size": batch_size, "strict": strict, "prefix": prefix, "save_files": save_files,
                       **self.log_options, **faithfulness_options,
-                                             "faithfulness_fractions": list(faithfulness_options["faithfulness_fractions"])}
+                                             "faithfulness_fractions": list(faithfulness_options["faithfulness_fractions"]),
+                      **alert_options, "alerts": [rule.to_state() for rule in alert_options["alerts"]]}
         # The trainer is held weakly: a callback kept by the user must not keep a finished run alive.
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tokenizer, self._tb_writer, self.extra_sinks = tokenizer, tb_writer, list(sinks)
@@ -239,13 +254,16 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         return None
 
     # ---- the pass -----------------------------------------------------------------------------
-    def _run(self, args, state, kwargs, stage: str = "fit") -> None:
+    def _run(self, args, state, kwargs, stage: str = "fit", control=None) -> None:
         epoch = int(state.epoch) if state.epoch is not None else None
         if stage == "fit" and not self.monitor.already_logged(state.global_step, stage):
             self._since_save.append(state.global_step)
         root = getattr(self.trainer, "model_wrapped", None) if self.trainer is not None else None
         self._attribute(self._model(kwargs), self._tokenizer_from(kwargs), state.global_step, epoch, stage,
                         sharded_root=root)
+        # An alert with stop_training fired at the last pass (every rank hears of it from rank zero).
+        if stage == "fit" and control is not None and self.monitor.stop_requested:
+            control.should_training_stop = True
 
     def _warn_if_never_evaluated(self, args) -> None:
         eval_strategy = getattr(args, "eval_strategy", None)
@@ -268,16 +286,16 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         sinks = self._build_sinks(args) if state.is_world_process_zero else []
         self.sinks = sinks
         if self.attribute_on_train_begin:
-            self._run(args, state, kwargs)
+            self._run(args, state, kwargs, control=control)
 
     def on_step_end(self, args, state, control, **kwargs):
         # on_step_end fires after the optimizer step: only at gradient-accumulation boundaries.
         if self.attribution_strategy == "steps" and state.global_step % self.attribution_steps == 0:
-            self._run(args, state, kwargs)
+            self._run(args, state, kwargs, control=control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.attribution_strategy == "epoch":
-            self._run(args, state, kwargs)
+            self._run(args, state, kwargs, control=control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Trainer.evaluate() logs its metrics (on_log) before on_evaluate, with the very dict it then
@@ -287,7 +305,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         prefixes = _evaluation_prefixes(logs or {})
         if not prefixes or (self._in_training and self.attribution_strategy != "eval"):
             return
-        self._run(args, state, kwargs, "fit" if self._in_training else "validate")
+        self._run(args, state, kwargs, "fit" if self._in_training else "validate", control)
         added = {f"{prefix}_{self.monitor.prefix}/mean/{name}": value
                  for prefix in prefixes for name, value in self.monitor.last_means.items()}
         logs.update(added)
@@ -297,7 +315,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Usually a no-op (on_log attributed this step already): for trainers that log differently.
         if self.attribution_strategy == "eval" or not self._in_training:
-            self._run(args, state, kwargs, "fit" if self._in_training else "validate")
+            self._run(args, state, kwargs, "fit" if self._in_training else "validate", control)
             if metrics is not None:
                 for prefix in _evaluation_prefixes(metrics) or ["eval"]:
                     metrics.update({f"{prefix}_{self.monitor.prefix}/mean/{name}": value
@@ -312,4 +330,6 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._in_training = False
+        if state.is_world_process_zero:
+            self._print_summary()
         self._close_sinks()

@@ -53,6 +53,12 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
             Off by default: on CPU it costs 1-3x the pass itself.
         faithfulness_fractions: shares of the context removed/kept.
         faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
+        alerts: :class:`~inseq_lightning.monitor.alerts.AlertRule` objects checked after every training
+            pass (below/above a threshold, change against the first or previous pass, with patience);
+            a rule with ``stop_training=True`` sets ``trainer.should_stop`` when it fires.
+        canary_alert: when a probe has a cue, warn when its ``cue_mass`` rises above its ``evidence_mass``.
+        stabilization_metric, stabilization_tolerance: the stabilization point (``mean/stabilization_step``):
+            the first pass after which ``mean/drift_prev/<metric>`` stayed within the tolerance.
 
     After each pass the means over probes are in ``trainer.callback_metrics`` as
     ``<prefix>/mean/<name>`` (e.g. ``attribution/saliency/mean/evidence_mass``), on every rank, so
@@ -93,6 +99,10 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
         faithfulness: bool = False,
         faithfulness_fractions: Sequence[float] = (0.1, 0.2, 0.5),
         faithfulness_ranking: str = "aggregated",
+        alerts: Sequence = (),
+        canary_alert: bool = True,
+        stabilization_metric: str = "cosine",
+        stabilization_tolerance: float = 0.05,
     ):
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise MisconfigurationException(
@@ -108,7 +118,10 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
                            {"log_text": log_text, "log_figures": log_figures, "log_html": log_html,
                             "log_table": log_table}, save_files, sinks, extra_values,
                            {"faithfulness": faithfulness, "faithfulness_fractions": tuple(faithfulness_fractions),
-                            "faithfulness_ranking": faithfulness_ranking})
+                            "faithfulness_ranking": faithfulness_ranking},
+                           {"alerts": list(alerts), "canary_alert": canary_alert,
+                            "stabilization_metric": stabilization_metric,
+                            "stabilization_tolerance": stabilization_tolerance})
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.attribute_on_fit_start = attribute_on_fit_start
@@ -185,6 +198,8 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
                 del trainer.callback_metrics[key]
         for name, value in self.monitor.last_means.items():
             trainer.callback_metrics[f"{head}{name}"] = torch.tensor(value)
+        if stage == "fit" and self.monitor.stop_requested:  # an alert with stop_training fired (every rank)
+            trainer.should_stop = True
 
     def _epoch_due(self, trainer: Trainer) -> bool:
         return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
@@ -222,6 +237,10 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.attribute_on_test:
             self._run(trainer, "test")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._print_summary()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close_sinks()

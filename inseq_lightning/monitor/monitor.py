@@ -21,6 +21,7 @@ from ..errors import InseqLightningError, InvalidInputError
 from ..models.attribution_model import AttributionModel
 from ..models.tokenization import tokens_before_char
 from ..utils.sharding import has_sharded_parameters
+from .alerts import AlertTracker, Stabilization, announce
 from .chat import message_label, render_chat
 from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
@@ -67,6 +68,13 @@ class ProbeMonitor:
         faithfulness_ranking: ``"aggregated"`` (default) ranks the context tokens by their scores
             summed over the attributed tokens; ``"per_step"`` ranks them for each attributed token by
             its own scores (one row per attributed token in each forward).
+        alerts: :class:`~.alerts.AlertRule` objects checked after every training pass (see
+            :mod:`.alerts`); fired alerts are in ``report.alerts`` and :attr:`fired_alerts`.
+        canary_alert: when a probe has a cue, add the default rule that warns when a probe's
+            ``cue_mass`` rises above its ``evidence_mass`` (:func:`~.alerts.canary_rule`).
+        stabilization_metric, stabilization_tolerance: the stabilization point (logged as
+            ``mean/stabilization_step``): the first pass after which ``mean/drift_prev/<metric>``
+            stayed within the tolerance (see :class:`~.alerts.Stabilization`).
 
     After each pass, :attr:`last_means` holds the mean values over probes on every rank (what the
     callbacks hand to the frameworks' early stopping and checkpoint selection).
@@ -76,7 +84,8 @@ class ProbeMonitor:
                  method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
                  prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None,
                  faithfulness: bool = False, faithfulness_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 faithfulness_ranking: str = "aggregated"):
+                 faithfulness_ranking: str = "aggregated", alerts: Sequence = (), canary_alert: bool = True,
+                 stabilization_metric: str = "cosine", stabilization_tolerance: float = 0.05):
         self.probes = ProbeSet.coerce(probes)
         if get_method(method).granularity == "none":  # unknown names fail in get_method, listing the valid ones
             raise InvalidInputError(f"method {method!r} computes no attributions, so there are no maps to monitor; "
@@ -97,6 +106,9 @@ class ProbeMonitor:
         self.set_extra_values(extra_values)
         self.last_means: dict[str, float] = {}
         self.history = DriftHistory()
+        self.alerts = AlertTracker(alerts, canary=canary_alert and any(p.cue for p in self.probes))
+        self.stabilization = Stabilization(stabilization_metric, float(stabilization_tolerance))
+        self.stop_requested = False  # an alert with stop_training fired at the last pass (on every rank)
         self._warned: set[str] = set()
         self._wrapper_cache: AttributionModel | None = None
 
@@ -140,10 +152,31 @@ class ProbeMonitor:
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"method": self.method, "prefix": self.prefix, "history": self.history.state_dict()}
+        return {"method": self.method, "prefix": self.prefix, "history": self.history.state_dict(),
+                "alerts": self.alerts.state_dict(), "stabilization": self.stabilization.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = DriftHistory.from_state_dict(state["history"])
+        if "alerts" in state:  # states saved before alerts existed have none
+            self.alerts.load_state_dict(state["alerts"])
+        if "stabilization" in state:
+            self.stabilization.load_state_dict(state["stabilization"])
+
+    @property
+    def fired_alerts(self) -> list:
+        """Every alert fired in this run (resumed runs included), oldest first."""
+        return list(self.alerts.fired)
+
+    def summary(self) -> str:
+        """One line for the end of a run: passes, the stabilization point and the alerts fired."""
+        passes = len(self.stabilization.passes)
+        stable = self.stabilization.step
+        stable = (f"stable since step {stable} ({self.stabilization.describe()})" if stable is not None else
+                  f"not stable ({self.stabilization.describe()} not reached at the last pass)")
+        fired = self.alerts.fired
+        alerts = ("no alert" if not fired else
+                  f"{len(fired)} alert(s): " + "; ".join(f"{a.rule} on {a.probe} at step {a.step}" for a in fired))
+        return f"[{self.prefix}] {passes} training passes, {stable}, {alerts}"
 
     def already_logged(self, step: int, stage: str = "fit") -> bool:
         return self.history.last_step.get(stage) == step
@@ -270,6 +303,7 @@ class ProbeMonitor:
                                        tokenizer)
             self.publish(report, sinks)
             self.last_means = report.means()
+            self.stop_requested = any(a.stop_training for a in report.alerts)
             return report
         if has_sharded_parameters(model) or (sharded_root is not None and has_sharded_parameters(sharded_root)):
             outputs, skipped = self.attribute_probes(model, tokenizer, sharded_root=sharded_root, step=step)
@@ -298,8 +332,11 @@ class ProbeMonitor:
             self.publish(report, sinks)
         except MonitoringError as strict_error:  # strict mode: the other ranks must hear of it, not wait
             failure = strict_error
-        # Every rank gets the means (a framework's early stopping decides on each rank) and the error.
-        self.last_means, _ = broadcast_from_zero(({} if failure else report.means(), str(failure or "")))
+        # Every rank gets the means (a framework's early stopping decides on each rank), the error and
+        # whether an alert asks to stop training.
+        stop = failure is None and any(a.stop_training for a in report.alerts)
+        self.last_means, _, self.stop_requested = broadcast_from_zero(
+            ({} if failure else report.means(), str(failure or ""), stop))
         if failure is not None:
             raise failure
         return report
@@ -307,7 +344,7 @@ class ProbeMonitor:
     def _follow_rank_zero(self, step: int, stage: str) -> None:
         """A non-zero rank after the attribution: record the step, take rank zero's means (or its error)."""
         self.history.last_step[stage] = step  # every rank agrees on what was logged
-        self.last_means, error = broadcast_from_zero(None)
+        self.last_means, error, self.stop_requested = broadcast_from_zero(None)
         if error:
             raise MonitoringError(error)
 
@@ -324,8 +361,13 @@ class ProbeMonitor:
                 skipped[probe.name] = f"{type(error).__name__}: {error}"
                 self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be summarised", error)
         self.history.last_step[stage] = step
-        return MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds,
-                             value_names=self.value_names)
+        report = MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds,
+                               value_names=self.value_names)
+        if stage == "fit" and results:  # validate/test passes are snapshots: they move no counter
+            report.stabilization_step = self.stabilization.add(step, report.means())
+            report.alerts = self.alerts.evaluate(report)
+            announce(report.alerts, self.prefix)
+        return report
 
     def _probe_result(self, probe: Probe, output: FeatureAttributionOutput, step: int, stage: str,
                       tokenizer: PreTrainedTokenizerBase) -> ProbeResult:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
 from .drift import DRIFT_COVERAGE, DRIFT_METRICS
 from .probes import Probe
-from .values import pool
+from .values import STABILIZATION_STEP, pool
 
 
 @dataclass
@@ -93,6 +93,10 @@ class MonitorReport:
     # Every per-probe value the monitor can log, in a stable order (see values.value_names): the
     # columns of tables, which must exist before the first pass that fills them.
     value_names: tuple[str, ...] = ()
+    # Training passes only (see monitor.alerts): the alerts fired at this pass, and the step of the
+    # stabilization point so far (None: the maps are not stable at this pass), logged as mean/stabilization_step.
+    alerts: list = field(default_factory=list)
+    stabilization_step: int | None = None
 
     def means(self) -> dict[str, float]:
         """Each value over probes (``mean/<name>``), pooled as :mod:`.values` defines it: a mean over
@@ -107,6 +111,8 @@ class MonitorReport:
             compared = pooled.get(f"{drift}/tokens_compared")
             if compared is not None:
                 means[f"{drift}/probes_compared"] = float(sum(v > 0 for v in compared))
+        if self.stabilization_step is not None and self.results:
+            means[STABILIZATION_STEP] = float(self.stabilization_step)
         return means
 
     def rows(self) -> list[dict]:
@@ -127,3 +133,10 @@ class MonitorReport:
         tags.update({f"{self.prefix}/mean/{name}": v for name, v in self.means().items() if not math.isnan(v)})
         tags[f"{self.prefix}/seconds"] = self.seconds
         return tags
+
+    def summary(self) -> str:
+        """One line: the step, the probes, the stabilization point so far and the alerts of this pass."""
+        stable = f"stable since step {self.stabilization_step}" if self.stabilization_step is not None else \
+            "not stable yet"
+        alerts = "; ".join(a.message for a in self.alerts) if self.alerts else "no alert"
+        return f"[{self.prefix}] step {self.step}: {len(self.results)} probes, {stable}, {alerts}"

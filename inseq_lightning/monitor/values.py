@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .drift import DRIFT_COVERAGE, DRIFT_METRICS
 
 HIGHER, LOWER = "higher", "lower"
+STABILIZATION_STEP = "stabilization_step"
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class LoggedValue:
         better: ``"higher"``, ``"lower"`` or None (a count, or a value whose good direction depends on
             the run): the ``mode`` to give ``EarlyStopping`` / ``greater_is_better`` to the HF Trainer.
         pooling: how ``mean/<name>`` combines the probes: ``"mean"`` over the probes where the value
-            is defined, ``"sum"`` for counts.
+            is defined, ``"sum"`` for counts, ``"none"`` for a value of the pass itself (mean row only).
     """
 
     name: str
@@ -97,6 +98,9 @@ def _definitions() -> dict[str, LoggedValue]:
         values.append(LoggedValue(f"{drift}/probes_compared",
                                   f"probes with at least one token compared against {against} (mean row only)",
                                   None, "sum"))
+    values.append(LoggedValue(STABILIZATION_STEP, "the step of the first pass after which the mean drift against "
+                                                  "the previous pass stayed within tolerance (mean row only; see "
+                                                  "monitor.alerts.Stabilization)", None, "none"))
     return {v.name: v for v in values}
 
 
@@ -148,4 +152,4 @@ def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str]
 
 def mean_only_names() -> list[str]:
     """Values that exist only on the mean row (counts over probes)."""
-    return [f"{drift}/probes_compared" for drift in _AGAINST]
+    return [*(f"{drift}/probes_compared" for drift in _AGAINST), STABILIZATION_STEP]

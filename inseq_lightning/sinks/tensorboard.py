@@ -73,6 +73,8 @@ class TensorBoardSink(Sink):
                 pages[result.probe.name] = result_html(result, report)
         if pages:
             write_plugin_html(self.log_dir, report, pages)
+        if report.alerts:  # the Text tab, whatever log_text says: an alert is never optional
+            self.writer.add_text(f"{report.prefix}/alerts", "\n\n".join(a.message for a in report.alerts), step)
         self.writer.flush()
 
     def _add_png(self, tag: str, pixels, step: int) -> None:
