@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 import inseq_lightning as il
+from inseq_lightning.attr.methods import get_method
 from inseq_lightning.tiny_models import (
     chat_tokenizer,
     gpt2_tokenizer,
@@ -41,6 +42,9 @@ ENCDEC_TEXTS = [("Hello world", "Le chat est noir"),
                 ("The cat sat on the mat and looked at the dog.", "Il gatto dorme. Das ist ein kleines Haus.")]
 METHOD_ARGS = {"integrated_gradients": {"n_steps": 4}, "layer_integrated_gradients": {"n_steps": 4},
                "gradient_shap": {"n_samples": 2, "seed": 0},
+               "sequential_integrated_gradients": {"n_steps": 1},
+               "discretized_integrated_gradients": {"n_steps": 4, "n_neighbors": 10},
+               "lime": {"n_samples": 8, "seed": 0},
                # tiny random OPT's value-zeroing distances (~5e-6) all sit under inseq's 1e-5 threshold
                "value_zeroing": {"min_score_threshold": 0.0},
                "reagent": {"max_probe_steps": 3, "num_probes": 4, "seed": 0}}
@@ -274,7 +278,8 @@ def test_probability_equals_the_models_own_forward(arch):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_method_gives_finite_maps(arch, method):
     encoder_decoder = built(arch)[0].config.is_encoder_decoder
-    attribute_target = encoder_decoder and not method.startswith("layer_") and method != "dummy"
+    # every method that can attribute the target prefix does it on encoder-decoders
+    attribute_target = encoder_decoder and get_method(method).supports_attribute_target and method != "dummy"
     try:
         out = _attribute(arch, [0, 1], method, attribute_target=attribute_target, **METHOD_ARGS.get(method, {}))
     except NotImplementedError as error:

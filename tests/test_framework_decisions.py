@@ -97,7 +97,10 @@ def test_every_logged_value_has_a_direction_or_none_and_a_pooling():
     assert definition("step_score/entropy").better == "lower"
     assert definition("drift_ref/js_divergence").better == "lower"
     assert definition("drift_prev/tokens_compared").pooling == "sum"
-    assert all(v.better in ("higher", "lower", None) and v.pooling in ("mean", "sum") for v in LOGGED_VALUES.values())
+    assert all(v.better in ("higher", "lower", None) and v.pooling in ("mean", "sum", "none")
+               for v in LOGGED_VALUES.values())
+    # "none": a value of the run as a whole (the stabilization step), logged on the mean only
+    assert {name for name, v in LOGGED_VALUES.items() if v.pooling == "none"} == {"stabilization_step"}
 
 
 def test_a_value_missing_from_a_pass_leaves_callback_metrics(hf_models, tmp_path):

@@ -331,7 +331,7 @@ def test_new_methods_run_in_the_monitor(method, family):
     model, tok = tiny_gpt2() if family == "gpt2" else tiny_marian(init_std=0.1)
     probes = [Probe("the cat sat", " on the mat", ("cat",))] if family == "gpt2" else \
         [Probe("the cat sat", "Le chat est noir", ("cat",))]
-    monitor = ProbeMonitor(probes, method=method, method_kwargs=MONITOR_CASES[method])
+    monitor = ProbeMonitor(probes, method=method, method_kwargs=MONITOR_CASES[method], faithfulness=True)
     with torch.inference_mode():
         report = monitor.run(model, tok, step=0)
     result = report.results[0]

@@ -243,24 +243,53 @@ class SequentialIntegratedGradients(AttributionMethod):
         **kwargs,
     ) -> MethodResult:
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
-        rounds = sum(x.shape[1] for x in inputs)
+        batch = ctx.batch.size
+        step_sizes_fn, alphas_fn = approximation_parameters(method)
+        step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
+        # Positions per forward: all n_steps points of k positions share one forward and one per-step
+        # backward, within the memory budget for their [rows, L, N, D] gradients (a small model's
+        # time is mostly per-call overhead, which this divides by k).
+        grad_bytes = n_steps * batch * sum(x[0].numel() for x in inputs) * ctx.num_steps * 4
+        k = max(1, int(ctx.memory_budget_bytes // max(grad_bytes, 1)))
+        if internal_batch_size is not None:
+            k = min(k, internal_batch_size // max(n_steps * batch, 1))
         results = [x.new_zeros(x.shape[0], x.shape[1], ctx.num_steps, *x.shape[2:]) for x in inputs]
-        for which, (x, b) in enumerate(zip(inputs, baselines)):
-            for position in range(x.shape[1]):
+        if k < 1:  # the points of one position do not fit one forward: integrate them in chunks
+            rounds = sum(x.shape[1] for x in inputs)
+            for which, (x, b) in enumerate(zip(inputs, baselines)):
+                for position in range(x.shape[1]):
 
-                def run(scaled, repeat, row_weights, which=which):
-                    # only the moving input's position varies: the others are the real inputs, repeated
-                    full = [t.repeat(repeat, *([1] * (t.ndim - 1))) for t in inputs]
-                    full[which] = scaled[0]
-                    grads = _gradients_at(ctx, full, repeat,
-                                          row_weights=[row_weights[0] if i == which else 1.0 for i in range(len(full))])
-                    return [grads[which]]
+                    def run(scaled, repeat, row_weights, which=which):
+                        full = [t.repeat(repeat, *([1] * (t.ndim - 1))) for t in inputs]
+                        full[which] = scaled[0]
+                        weights = [row_weights[0] if i == which else 1.0 for i in range(len(full))]
+                        return [_gradients_at(ctx, full, repeat, row_weights=weights)[which]]
 
-                # the moving input with only ``position`` on the path: baseline = input elsewhere
-                path_start = x.clone()
-                path_start[:, position] = b[:, position]
-                (total,) = integrate(ctx, [x], [path_start], run, n_steps, method, internal_batch_size, rounds=rounds)
-                column = total[:, position]
+                    path_start = x.clone()  # only ``position`` on the path: the baseline is the input elsewhere
+                    path_start[:, position] = b[:, position]
+                    (total,) = integrate(ctx, [x], [path_start], run, n_steps, method, internal_batch_size, rounds=rounds)
+                    column = total[:, position]
+                    results[which][:, position] = column * (x - b)[:, position].unsqueeze(1) if multiply_by_inputs else column
+            return MethodResult(*ctx.split(results))
+        weights = torch.tensor(step_sizes, dtype=torch.float32, device=inputs[0].device).view(-1, 1, 1, 1)
+        groups = [(which, range(s, min(s + k, x.shape[1]))) for which, x in enumerate(inputs)
+                  for s in range(0, x.shape[1], k)]
+        ctx.gradient_passes = len(groups)
+        for which, group in groups:
+            x, b = inputs[which], baselines[which]
+            scaled = []
+            for position in group:
+                for alpha in alphas:
+                    moved = x.clone()
+                    moved[:, position] = b[:, position] + alpha * (x[:, position] - b[:, position])
+                    scaled.append(moved)
+            repeat = len(group) * n_steps
+            full = [t.repeat(repeat, *([1] * (t.ndim - 1))) for t in inputs]
+            full[which] = torch.cat(scaled, 0)
+            grads = _gradients_at(ctx, full, repeat)[which]  # [k * n_steps * B, L, N, D]
+            grads = grads.view(len(group), n_steps, batch, *grads.shape[1:])
+            for i, position in enumerate(group):
+                column = (grads[i, :, :, position].float() * weights).sum(0).to(x.dtype)  # [B, N, D]
                 if multiply_by_inputs:
                     column = column * (x - b)[:, position].unsqueeze(1)
                 results[which][:, position] = column

@@ -41,6 +41,7 @@ class Lime(AttributionMethod):
     """
 
     name = "lime"
+    supports_attribute_target = False  # one attributed input, as in inseq
 
     def attribute(self, ctx: EngineContext, n_samples: int = 50, mask_prob: float = 0.3, mask_token: str = "unk",
                   seed: int | None = None, **kwargs) -> MethodResult:
