@@ -4,7 +4,8 @@ For runs that were not monitored live, or to compare checkpoints from different 
 checkpoint directory (``save_pretrained`` format, e.g. the HF Trainer's ``checkpoint-<N>``) is
 loaded in turn, the probes are attributed, and the same monitor, drift metrics and sinks as
 the training callbacks produce ``drift.csv``, HTML pages and attribution JSON (and, on request,
-a TensorBoard run with the Attributions tab).
+a TensorBoard run with the Attributions tab and its compare view), then one self-contained HTML
+report of the whole comparison (:mod:`.viz.drift_report`).
 
 PEFT adapter checkpoints (a LoRA run's ``checkpoint-<N>``: ``adapter_config.json`` and adapter
 weights) share one base model: it is loaded once and each checkpoint's adapter is swapped in.
@@ -31,6 +32,7 @@ from .models.loading import (
 from .monitor import ProbeMonitor
 from .monitor.report import MonitorReport
 from .sinks import FileSink, Sink, TensorBoardSink
+from .viz.drift_report import write_drift_report
 
 _STEP = re.compile(r"(?:checkpoint|step)[-_=]?(\d+)")
 
@@ -45,15 +47,16 @@ def drift_across_checkpoints(checkpoints: Sequence[str | Path], probes, output_d
                              method: str = "saliency", step_scores: Sequence[str] = ("probability",),
                              tokenizer: str | Path | None = None, tensorboard: bool = False,
                              show_progress: bool = True, base_model: str | Path | None = None,
-                             **method_kwargs) -> list[MonitorReport]:
+                             report: str | Path | None = None, **method_kwargs) -> list[MonitorReport]:
     """Attribute ``probes`` on each checkpoint, oldest step first; the first is the drift reference.
 
     ``checkpoints`` are all full models or all PEFT adapter checkpoints. Adapters are attributed
     switched on, on one base model: ``base_model`` (a local directory), else the
     ``base_model_name_or_path`` their ``adapter_config.json`` files agree on.
 
-    Returns the reports; writes ``<output_dir>/drift.csv``, ``step_<N>/<probe>.{html,json}`` and,
-    with ``tensorboard=True``, a TensorBoard run in ``<output_dir>/tensorboard``.
+    Returns the reports; writes ``<output_dir>/drift.csv``, ``step_<N>/<probe>.{html,json}``, the
+    report ``report`` (default ``<output_dir>/report.html``: curves, maps and difference maps in one
+    self-contained file) and, with ``tensorboard=True``, a TensorBoard run in ``<output_dir>/tensorboard``.
     """
     paths = [Path(c) for c in checkpoints]
     missing = [str(p) for p in paths if not p.is_dir()]
@@ -85,6 +88,8 @@ def drift_across_checkpoints(checkpoints: Sequence[str | Path], probes, output_d
             progress.advance(task)
     if writer is not None:
         writer.close()
+    names = {step: str(path) for step, path in ordered}
+    write_drift_report(output_dir / "report.html" if report is None else report, reports, names)
     return reports
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..monitor.drift import DRIFT_METRICS
 from ..monitor.report import MonitorReport, ProbeResult
-from ..monitor.values import mean_only_names
+from ..monitor.values import FAITHFULNESS_VALUES, definition, mean_only_names
 from ..viz.heatmap import attribution_heatmap
 from ..viz.html import attributions_html
 from ..viz.layout import build_grid
@@ -134,6 +134,45 @@ def result_image(result: ProbeResult, report: MonitorReport) -> np.ndarray:
         return pixels
 
     return _shared("image", result, report, render)
+
+
+# The values the compare view draws as curves, by group (names as in the scalars).
+_CURVES = {"drift": [f"{drift}/{metric}" for drift in ("drift_ref", "drift_prev") for metric in DRIFT_METRICS],
+           "faithfulness": list(FAITHFULNESS_VALUES)}
+
+
+def map_record(result: ProbeResult, report: MonitorReport) -> dict:
+    """One probe's map at one pass as plain JSON: what the Attributions tab's compare view and the
+    ``drift`` report read (compared by :func:`~inseq_lightning.tensorboard_plugin.maps.compare_maps`).
+
+    ``rows`` / ``columns``: the grid's readable labels (as on the page), ``row_tokens`` /
+    ``column_tokens``: the raw tokens, ``scores``: ``[rows][columns]`` of the aggregated map (None
+    where a token did not exist yet), ``step_scores``: ``{name: [columns]}``, ``values``: every value
+    logged for the probe at this pass, ``curves``: the values the compare view plots
+    (``{"name", "group", "better"}``), ``evidence_rows`` and ``cue_rows``.
+    """
+    seq = result.aggregated
+    grid = build_grid(seq)
+    row_tokens = [t.token for t in seq.source] if seq.source_attributions is not None else []
+    if seq.target_attributions is not None:
+        row_tokens += [t.token for t in seq.target[: seq.target_attributions.shape[0]]]
+    logged = set(report.value_names) or set(result.scalars())
+    curves = [{"name": name, "group": group, "better": definition(name).better}
+              for group, names in _CURVES.items() for name in names if name in logged]
+    return {
+        "version": 1, "probe": result.probe.name, "step": report.step, "prefix": report.prefix,
+        "method": report.method, "rows": grid.row_labels, "row_groups": grid.row_groups,
+        "columns": grid.column_labels, "row_tokens": row_tokens, "column_tokens": [t.token for t in seq.generated],
+        "scores": [[_finite(v) for v in row] for row in grid.scores],
+        "step_scores": {name: [_finite(v) for v in values] for name, values in grid.step_scores.items()},
+        "values": {name: v for name, v in result.scalars().items() if _finite(v) is not None}, "curves": curves,
+        "evidence_rows": list(result.evidence_rows), "cue_rows": list(result.cue_rows),
+    }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined score is None."""
+    return None if math.isnan(value) or math.isinf(value) else float(value)
 
 
 def table_columns(report: MonitorReport) -> list[str]:

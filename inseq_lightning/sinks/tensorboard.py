@@ -8,18 +8,21 @@ from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from ..monitor.report import MonitorReport
-from ..tensorboard_plugin.layout import INDEX_FILE, PLUGIN_NAME, page_path  # torch-free: the server imports it
+from ..tensorboard_plugin.layout import INDEX_FILE, PLUGIN_NAME, map_path, page_path  # torch-free, for the server
 from .base import Sink
-from .render import markdown_table, result_html, result_image
+from .render import map_record, markdown_table, result_html, result_image
 
 
-def write_plugin_html(log_dir: str | Path, report: MonitorReport, pages: dict[str, str]) -> list[Path]:
+def write_plugin_html(log_dir: str | Path, report: MonitorReport, pages: dict[str, str],
+                      maps: dict[str, dict] | None = None) -> list[Path]:
     """Write ``<log_dir>/plugins/inseq_lightning/<prefix folder>/step_<N>/<probe>.html`` and update
     ``index.json``, the list of pages the plugin serves (it never joins a request path itself).
 
     The prefix folder is ``report.prefix`` made file-safe (``attribution_saliency``), so two
     monitors on one run never overwrite each other's pages (see
-    :func:`~inseq_lightning.tensorboard_plugin.layout.page_path`). ``pages``: ``{probe name: HTML}``.
+    :func:`~inseq_lightning.tensorboard_plugin.layout.page_path`). ``pages``: ``{probe name: HTML}``;
+    ``maps``: ``{probe name: map record}`` (:func:`.render.map_record`), each written beside its page
+    as ``<probe>.map.json`` and listed as the entry's ``map`` (what the compare view reads).
     """
     root = Path(log_dir) / "plugins" / PLUGIN_NAME
     index_path = root / INDEX_FILE
@@ -34,10 +37,15 @@ def write_plugin_html(log_dir: str | Path, report: MonitorReport, pages: dict[st
         written.append(path)
         entry = {"step": report.step, "probe": probe, "prefix": report.prefix, "method": report.method,
                  "path": relative}
+        if maps and probe in maps:
+            entry["map"] = map_path(relative)
+            (root / entry["map"]).write_text(json.dumps(maps[probe], allow_nan=False), encoding="utf-8")
+            written.append(root / entry["map"])
         known = entries.get((report.step, probe, report.prefix))
         if known is None:
             index["pages"].append(entry)
         else:  # a repeated step, or an entry of an older layout: point it at the page just written
+            known.pop("map", None)
             known.update(entry)
     index_path.write_text(json.dumps(index, indent=1))
     return written
@@ -62,7 +70,7 @@ class TensorBoardSink(Sink):
         step = report.step
         for tag, value in report.scalars().items():
             self.writer.add_scalar(tag, value, step)
-        pages = {}
+        pages, maps = {}, {}
         for result in report.results:
             base = f"{report.prefix}/{result.probe.name}"
             if self.log_text:
@@ -71,8 +79,9 @@ class TensorBoardSink(Sink):
                 self._add_png(f"{base}/heatmap", result_image(result, report), step)
             if self.log_html:
                 pages[result.probe.name] = result_html(result, report)
+                maps[result.probe.name] = map_record(result, report)
         if pages:
-            write_plugin_html(self.log_dir, report, pages)
+            write_plugin_html(self.log_dir, report, pages, maps)
         if report.alerts:  # the Text tab, whatever log_text says: an alert is never optional
             self.writer.add_text(f"{report.prefix}/alerts", "\n\n".join(a.message for a in report.alerts), step)
         self.writer.flush()

@@ -8,7 +8,7 @@ import hashlib
 import re
 
 PLUGIN_NAME = "inseq_lightning"
-INDEX_FILE = "index.json"  # {"pages": [{"step", "probe", "prefix", "method", "path"}, ...]}
+INDEX_FILE = "index.json"  # {"pages": [{"step", "probe", "prefix", "method", "path", "map"}, ...]}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -30,3 +30,9 @@ def page_path(prefix: str, step: int, probe: str, pages: list[dict]) -> str:
     if folder in taken:
         folder = f"{folder}-{hashlib.sha1(prefix.encode()).hexdigest()[:8]}"
     return f"{folder}/step_{step}/{file_safe(probe)}.html"
+
+
+def map_path(page: str) -> str:
+    """The map file beside a page (the compare view's data): ``.../step_<N>/<probe>.html`` ->
+    ``.../step_<N>/<probe>.map.json``."""
+    return page.removesuffix(".html") + ".map.json"
