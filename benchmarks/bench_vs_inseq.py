@@ -40,7 +40,8 @@ WORKLOADS = {
 METHOD_WORKLOADS = {
     f"tiny-{method}": f"tiny GPT-2 (2x64), {method} + probability"
     for method in ("input_x_gradient", "integrated_gradients", "layer_integrated_gradients", "gradient_shap",
-                   "occlusion", "dummy")
+                   "occlusion", "dummy", "discretized_integrated_gradients", "sequential_integrated_gradients",
+                   "lime")
 }
 
 

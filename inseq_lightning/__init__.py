@@ -10,12 +10,14 @@ __version__ = "0.1.0"
 # Public name -> the module defining it. Imported on first use (PEP 562): importing a light
 # subpackage (the TensorBoard plugin) must not load torch, transformers and captum with it.
 _EXPORTS = {
+    "AttributeContextArgs": ".context",
     "AttributionModel": ".models",
     "FeatureAttributionOutput": ".data",
     "FeatureAttributionSequenceOutput": ".data",
     "FeatureAttributionStepOutput": ".data",
     "StepFunctionArgs": ".attr.step_functions",
     "TokenWithId": ".data",
+    "attribute_context": ".context",
     "list_aggregation_functions": ".data.aggregation",
     "list_aggregators": ".data.aggregation",
     "list_feature_attribution_methods": ".attr.methods",
@@ -29,12 +31,14 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AttributeContextArgs",
     "AttributionModel",
     "FeatureAttributionOutput",
     "FeatureAttributionSequenceOutput",
     "FeatureAttributionStepOutput",
     "StepFunctionArgs",
     "TokenWithId",
+    "attribute_context",
     "list_aggregation_functions",
     "list_aggregators",
     "list_feature_attribution_methods",
@@ -50,6 +54,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .attr.methods import list_feature_attribution_methods
     from .attr.step_functions import StepFunctionArgs, list_step_functions, register_step_function
+    from .context import AttributeContextArgs, attribute_context
     from .data import (
         FeatureAttributionOutput,
         FeatureAttributionSequenceOutput,

@@ -1,5 +1,5 @@
-"""Command line: ``inseq-lightning attribute`` and ``attribute-dataset`` take inseq 0.7.1's flags and write the
-JSON, HTML and console views; ``drift`` follows a probe set across saved checkpoints."""
+"""Command line: ``inseq-lightning attribute``, ``attribute-dataset`` and ``attribute-context`` take inseq 0.7.1's
+flags and write the JSON, HTML and console views; ``drift`` follows a probe set across saved checkpoints."""
 
 import argparse
 import contextlib
@@ -23,8 +23,6 @@ DEMO_MAX_NEW_TOKENS = 10
 INSEQ_AGGREGATORS = ["split", "slices", "pair", "scores", "spans", "subwords",
                      "min", "vnorm", "mean", "max", "sum", "absmax", "prod"]
 DATASET_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-CONTEXT_UNAVAILABLE = ("context attribution (attribute-context, PECoRe) is not available in inseq-lightning yet; "
-                       "use inseq 0.7.1's `inseq attribute-context` meanwhile")
 
 
 class CLIError(Exception):
@@ -240,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.set_defaults(func=attribute_dataset_command)
 
     context = sub.add_parser(
-        "attribute-context", help="context attribution (PECoRe): not available yet",
-        description=CONTEXT_UNAVAILABLE + ". The command exits with status 2.")
-    context.set_defaults(func=attribute_context_command, accepts_unknown=True)
+        "attribute-context", help="context attribution (PECoRe): context-sensitive tokens and their contextual cues",
+        description="Find the tokens of a generated output that depend on the context (CTI) and attribute them to "
+                    "the context tokens (CCI), with inseq 0.7.1's `inseq attribute-context` flags.",
+        lazy_epilog=_context_epilog)
+    _add_context_args(context)
+    context.set_defaults(func=attribute_context_command)
 
     drift = sub.add_parser("drift", help="attribution drift of a probe set across saved checkpoints")
     drift.add_argument("checkpoints", nargs="+",
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: base_model_name_or_path in their adapter_config.json)")
     drift.add_argument("--output-dir", default="outputs/drift")
     drift.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard run")
+    drift.add_argument("--report", help="the HTML report: curves, each checkpoint's maps and their differences in "
+                       "one self-contained file (default: <output-dir>/report.html)")
     drift.add_argument("--debug", action="store_true", help="show the traceback of an error")
     drift.set_defaults(func=drift_command)
     return parser
@@ -520,9 +523,84 @@ def attribute_dataset_command(args: argparse.Namespace) -> int:
     return _run(args, inputs, generated, demo=args.model_name_or_path is None, dataset=True)
 
 
+# ---- context attribution -------------------------------------------------------------------------------------------
+def _add_context_args(parser: argparse.ArgumentParser) -> None:
+    """inseq 0.7.1's AttributeContextArgs, one flag per field with its aliases and default (booleans as inseq's:
+    ``--flag [BOOL]``, and ``--no_flag`` for those that default to true)."""
+    import dataclasses
+    import types
+    import typing
+
+    from .context.args import AttributeContextArgs
+
+    hints = typing.get_type_hints(AttributeContextArgs)
+    for f in dataclasses.fields(AttributeContextArgs):
+        names, help_text = [f"--{f.name}", *f.metadata["aliases"]], f.metadata["help"]
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if kind is bool:
+            _bool_flag(parser, *names, help=help_text)
+            parser.set_defaults(**{f.name: default})
+            if default is True:
+                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"do not {help_text}")
+        elif kind is dict:
+            parser.add_argument(*names, type=_json_dict, default=default, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(*names, type=typing.get_args(kind)[0], nargs="+", default=default, help=help_text)
+        else:
+            parser.add_argument(*names, type=kind, default=default, help=help_text)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _context_epilog() -> str:
+    from . import list_feature_attribution_methods, list_step_functions
+    from .context import contrastive_step_functions
+
+    return "\n\n".join([
+        _wrapped("Context sensitivity metrics (--context_sensitivity_metric)", contrastive_step_functions()),
+        _wrapped("Attribution methods (-a)", list_feature_attribution_methods()),
+        _wrapped("Attributed functions (-fn)", list_step_functions()),
+        textwrap.fill(
+            "Without --output_current_text the model generates the output (--generation_kwargs, e.g. "
+            "'{\"max_new_tokens\": 10}'). Decoder-only models: the output follows the input after "
+            "--decoder_input_output_separator. Models load from local directories only; without -m the tiny demo "
+            "GPT-2 (random weights) is used. Errors print one line and exit with status 2; --debug shows the "
+            "traceback.", width=100),
+    ])
+
+
 def attribute_context_command(args: argparse.Namespace) -> int:
-    print(f"{PROG} attribute-context: {CONTEXT_UNAVAILABLE}", file=sys.stderr)
-    return 2
+    import dataclasses
+
+    from rich.markup import escape
+
+    from .context import AttributeContextArgs, attribute_context_with_model
+    from .context.attribution import check_names
+    from .viz.console import default_console
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AttributeContextArgs)}
+    context_args = AttributeContextArgs(**values)
+    check_names(context_args)
+    supported = _supported_aggregators()
+    for name in context_args.attribution_aggregators or []:
+        if name not in supported:
+            raise CLIError(f"unknown aggregator {name!r}; choose from: {', '.join(supported)}")
+    for path in (args.save_path, args.viz_path):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_libraries(argparse.Namespace(verbose=False, very_verbose=False)):
+        model = _load(args)
+        out = attribute_context_with_model(context_args, model)
+    console = default_console()
+    sensitive = ", ".join(repr(cci.cti_token) for cci in out.cci_scores) or "none"
+    console.print(f"Context-sensitive tokens: {escape(sensitive)}", highlight=False)
+    if args.save_path:
+        console.print(f"Context attribution (JSON): [bold]{args.save_path}[/bold]")
+    if args.viz_path:
+        console.print(f"Context attribution (HTML): [bold]{args.viz_path}[/bold]")
+    return 0
 
 
 # ---- drift ---------------------------------------------------------------------------------------------------------
@@ -539,7 +617,8 @@ def drift_command(args: argparse.Namespace) -> int:
     console = default_console()
     reports = drift_across_checkpoints(args.checkpoints, args.probes, args.output_dir, method=args.method,
                                        step_scores=args.step_scores, tokenizer=args.tokenizer,
-                                       tensorboard=args.tensorboard, base_model=args.base_model)
+                                       tensorboard=args.tensorboard, base_model=args.base_model,
+                                       report=args.report)
     table = Table(title=f"Attribution drift across checkpoints ({args.method}, mean over probes)")
     # The report's own means, under the names every tracker uses (monitor/values.py).
     names = [*[f"step_score/{s}" for s in args.step_scores], "evidence_mass", "drift_ref/cosine",
@@ -552,6 +631,7 @@ def drift_command(args: argparse.Namespace) -> int:
         table.add_row(str(report.step), *[_cell(means.get(name, math.nan)) for name in names])
     console.print(table)
     console.print(f"Per probe: [bold]{Path(args.output_dir) / 'drift.csv'}[/bold]; pages and JSON under step_<N>/")
+    console.print(f"Report: [bold]{args.report or Path(args.output_dir) / 'report.html'}[/bold]")
     if args.tensorboard:
         console.print(f"TensorBoard: tensorboard --logdir {Path(args.output_dir) / 'tensorboard'}")
     return 0

@@ -6,6 +6,7 @@ The commands start together (two cores, ~3 s of imports each) and each test chec
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from inseq_lightning.tiny_models import tiny_gpt2, tiny_marian
 
 GPT2_INPUTS = ["the cat sat", "hello world"]
 GPT2_TARGETS = ["the cat sat on the mat", "hello world, this is a cat"]
+CONTEXT = "The cat sat on the mat and looked at the dog."
 ROWS = [{"prompt": "the cat", "full": "the cat sat on"}, {"prompt": "on the mat", "full": "on the mat it is"},
         {"prompt": "hello", "full": "hello world"}]
 
@@ -52,7 +54,19 @@ def cli(tmp_path_factory):
         "version": ["--version"],
         "invalid_input": ["attribute", "-m", gpt2, "-i", "abc", "-g", "xyz"],
         "invalid_input_debug": ["attribute", "-m", gpt2, "-i", "abc", "-g", "xyz", "--debug"],
-        "context": ["attribute-context", "-m", gpt2, "--input_current_text", "a question"],
+        # inseq's `inseq attribute-context` flags; the output is generated (greedy, no token twice: the random
+        # model otherwise repeats a space)
+        "context": ["attribute-context", "-m", gpt2, "--input_context_text", CONTEXT, "--input_current_text",
+                    "Hello world,", "--generation_kwargs",
+                    '{"max_new_tokens": 6, "do_sample": false, "no_repeat_ngram_size": 1}',
+                    "-o", str(root / "context" / "context.json"), "--viz_path", str(root / "context.html")],
+        "context_marian": ["attribute-context", "-m", marian, "--input_current_text", "Le chat est noir.",
+                           "--output_context_text", "Das ist", "--output_current_text", "ein kleines Haus.",
+                           "-fn", "contrast_prob_diff", "--context_sensitivity_std_threshold", "0",
+                           "--context_sensitivity_topk", "1", "--no_show_viz",
+                           "-o", str(root / "context_marian.json")],
+        "context_unused": ["attribute-context", "-m", gpt2, "--input_current_text", "Hello", "--input_context_text",
+                           "The cat.", "--input_template", "{current}"],
     }
     env = {**os.environ, "HF_DATASETS_CACHE": str(root / "hf_datasets"), "COLUMNS": "200"}
     started = {name: subprocess.Popen([sys.executable, "-m", "inseq_lightning.cli", *args], cwd=root, env=env,
@@ -156,6 +170,12 @@ def test_help_lists_methods_step_functions_and_the_prompt_rule(cli, capsys):
     _ok(results["help"])
     for command in ("attribute", "attribute-dataset", "attribute-context", "drift"):
         assert command in results["help"].stdout
+    with pytest.raises(SystemExit):
+        main(["attribute-context", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--input_context_text", "--input_current_text", "--output_context_text", "--output_current_text",
+                 "--context_sensitivity_metric", "--no_show_viz", "-fn", "-o", "--viz_path", "kl_divergence"):
+        assert flag in text
     _ok(results["version"])
     assert results["version"].stdout.strip() == f"inseq-lightning {il.__version__}"
 
@@ -166,7 +186,49 @@ def test_errors_are_one_line_and_exit_2_and_debug_shows_the_traceback(cli):
     assert line.startswith("inseq-lightning: error:") and "does not start with its prompt" in line
     debug = results["invalid_input_debug"]
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "InvalidInputError" in debug.stderr
-    assert "not available" in _one_error_line(results["context"])
+    line = _one_error_line(results["context_unused"])  # inseq warns and drops the context
+    assert line == ("inseq-lightning: error: input_context_text is given but input_template '{current}' has no "
+                    "{context} placeholder: add {context} to the template or drop the context")
+
+
+def test_attribute_context_with_inseqs_flags_writes_json_and_html(cli):
+    from inseq_lightning.context import AttributeContextOutput
+
+    paths, results = cli
+    _ok(results["context"])
+    out = AttributeContextOutput.from_dict(json.loads((paths["root"] / "context" / "context.json").read_text()))
+    assert out.input_context == CONTEXT and out.info.input_current_text == "Hello world,"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["gpt2"])
+    # the generated output's tokens after the input and the separator, one CTI score each
+    assert tokenizer.convert_tokens_to_string(out.output_current_tokens) == " " + out.output_current
+    assert len(out.cti_scores) == len(out.output_current_tokens)
+    assert len(out.cci_scores) >= 1
+    for cci in out.cci_scores:  # one cue score per context token
+        assert len(cci.input_context_scores) == len(out.input_context_tokens) and cci.output_context_scores is None
+        assert cci.cti_token == out.output_current_tokens[cci.cti_idx]
+    page = (paths["root"] / "context.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    page_text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", page)).split())  # without rich's spans
+    stdout = " ".join(results["context"].stdout.split())
+    for text in (page_text, stdout):  # the console view, printed and exported
+        assert f"Input context: {CONTEXT}" in text and 'CTI = "kl_divergence", CCI = "saliency"' in text
+    assert "Context attribution (JSON)" in stdout and "Context attribution (HTML)" in stdout
+
+
+def test_attribute_context_on_an_encoder_decoder_with_output_context(cli):
+    from inseq_lightning.context import AttributeContextOutput
+
+    paths, results = cli
+    _ok(results["context_marian"])
+    out = AttributeContextOutput.from_dict(json.loads((paths["root"] / "context_marian.json").read_text()))
+    assert out.input_context is None and out.output_context == "Das ist"
+    assert out.output_current == "ein kleines Haus." and len(out.cci_scores) == 1  # --context_sensitivity_topk 1
+    cci = out.cci_scores[0]
+    assert abs(cci.cti_score) == max(abs(s) for s in out.cti_scores)
+    assert len(cci.output_context_scores) == len(out.output_context_tokens) and cci.contrast_token is not None
+    assert "Context with" not in results["context_marian"].stdout  # --no_show_viz
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -183,6 +245,11 @@ def test_errors_are_one_line_and_exit_2_and_debug_shows_the_traceback(cli):
     (["attribute", "-i", "x", "--hide", "maybe"], "expected a truth value"),
     (["attribute-dataset", "-d", "missing.jsonl", "-in", "prompt"], "dataset file 'missing.jsonl' does not exist"),
     (["attribute-dataset", "-d", "data.jsonl"], "required: --input_text_field"),
+    (["attribute-context", "--input_current_text", "x", "--context_sensitivity_metric", "entropy"],
+     "does not compare with the contextless prediction"),
+    (["attribute-context", "--input_current_text", "x", "-fn", "nope"], "Unknown step function 'nope'"),
+    (["attribute-context", "--input_context_text", "x"], "input_current_text must be a non-empty string"),
+    (["attribute-context", "--input_current_text", "x", "--show_viz", "maybe"], "expected a truth value"),
     ([], "required: COMMAND"),
 ])
 def test_argument_errors_are_one_line(args, expected, capsys):

@@ -69,7 +69,7 @@ print(json.dumps({"names": names, "star": all(name in globals() for name in il._
                   "in_dir": set(il.__all__) <= set(dir(il)), "submodule": il.models.load_model.__name__}))
 """)
     assert seen["names"] == {
-        "AttributionModel": "type", "FeatureAttributionOutput": "type", "FeatureAttributionSequenceOutput": "type",
+        "AttributeContextArgs": "type", "attribute_context": "function", "AttributionModel": "type", "FeatureAttributionOutput": "type", "FeatureAttributionSequenceOutput": "type",
         "FeatureAttributionStepOutput": "type", "StepFunctionArgs": "type", "TokenWithId": "type",
         "list_aggregation_functions": "function", "list_aggregators": "function",
         "list_feature_attribution_methods": "function", "list_step_functions": "function", "load_model": "function",

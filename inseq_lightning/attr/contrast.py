@@ -3,7 +3,8 @@
 inseq's arguments, validated once per ``attribute()`` call (:class:`ContrastSpec`):
 
 - ``contrast_targets``: one alternative target per input. Decoder-only: the full text (prompt +
-  alternative continuation), as ``generated_texts``; encoder-decoder: the alternative target.
+  alternative continuation), as ``generated_texts``, or another prompt and continuation when
+  ``contrast_targets_alignments`` are given; encoder-decoder: the alternative target.
 - ``contrast_sources``: one alternative source per input (encoder-decoder). On a decoder-only model
   (an extension of inseq, which refuses it) it is an alternative *prompt*: the contrast sequence is
   that prompt followed by the original continuation, aligned token for token.
@@ -186,10 +187,13 @@ def build_contrast_batch(wrapper, batch: "Batch", spec: ContrastSpec, indices: S
             pairs = [(p, len(prompt) + p - cut) for p in positions] if pairs is None else pairs
         else:
             text = spec.targets[i]
-            if not text.startswith(input_texts[i]):
+            # Another prompt is fine when the alignments say which contrast token each step compares with
+            # (context attribution compares with the same output after a longer prompt).
+            if pairs is None and not text.startswith(input_texts[i]):
                 raise InvalidInputError(
                     f"contrast_targets[{i}] does not start with its prompt {input_texts[i]!r}: on a decoder-only "
-                    "model a contrast target is the full text (prompt + alternative continuation)"
+                    "model a contrast target is the full text (prompt + alternative continuation); a contrast "
+                    "with another prompt needs contrast_targets_alignments"
                 )
             contrast = encode_target(wrapper, text, skip_special_tokens)
         targets.append(contrast)
