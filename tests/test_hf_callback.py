@@ -3,6 +3,7 @@
 import copy
 import glob
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,42 @@ def test_attributions_share_the_trainers_tensorboard_run_and_wandb_run(hf_models
     assert any("train/loss" in r for r in rows)  # the trainer's run, not a run of our own
     assert ours[-1][f"{prefix}/probe_0/step_score/probability"] == pytest.approx(
         callback.reports[-1].results[0].step_scores["probability"], rel=1e-6)
+
+
+
+def test_faithfulness_and_plausibility_reach_tensorboard_wandb_and_the_eval_metrics(hf_models, tmp_path,
+                                                                                    wandb_offline):
+    """AttributionCallback(faithfulness=True) in a real Trainer run: every probe's comprehensiveness,
+    sufficiency, random baselines and plausibility values are TensorBoard and W&B scalars at every
+    pass (read back with their own readers), equal to the report's, and the means are eval metrics
+    (``eval_attribution/...``) where ``metric_for_best_model`` and EarlyStoppingCallback read them."""
+    import wandb
+
+    trainer = _trainer(hf_models, tmp_path / "out", report_to=["tensorboard", "wandb"], max_steps=2)
+    callback = AttributionCallback.attach(trainer, make_probes(2), faithfulness=True,
+                                          faithfulness_fractions=(0.2, 0.5))
+    trainer.train()
+    wandb.finish()
+    steps = [0, 2]
+    assert [r.step for r in callback.reports] == steps
+    prefix = "attribution/saliency"
+    names = ("comprehensiveness", "sufficiency", "comprehensiveness_random", "sufficiency_random",
+             "soft_comprehensiveness", "evidence_average_precision", "evidence_reciprocal_rank")
+    (run_dir,) = [Path(p).parent for p in glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    wandb_run = Path(glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))[0])
+    rows = [r for r in history_rows(next(wandb_run.glob("run-*.wandb"))) if f"{prefix}/probe_0/comprehensiveness" in r]
+    assert [r["train/global_step"] for r in rows] == steps
+    evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
+    last = callback.reports[-1]
+    for name in names:
+        expected = last.results[0].scalars()[name]
+        assert math.isfinite(expected)
+        logged = events.Scalars(f"{prefix}/probe_0/{name}")
+        assert [e.step for e in logged] == steps
+        assert logged[-1].value == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert rows[-1][f"{prefix}/probe_0/{name}"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert evaluations[-1][f"eval_{prefix}/mean/{name}"] == pytest.approx(last.means()[name], rel=1e-6, abs=1e-7)
 
 
 def _train(hf_models, out, callbacks):
