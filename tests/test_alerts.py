@@ -265,3 +265,30 @@ def test_hf_trainer_stops_when_an_alert_asks(hf_models, tmp_path, capsys):
     rebuilt.history_state = state["attributes"]["history_state"]
     assert rebuilt.monitor.alerts.rules == [rule]
     assert [(a.rule, a.step) for a in rebuilt.monitor.fired_alerts] == [("moved", 2)]
+
+
+def test_hf_resume_keeps_fired_alerts_and_patience_counters(hf_models, tmp_path):
+    def callback():
+        return AttributionCallback(make_probes(2), attribution_strategy="steps", attribution_steps=2, save_files=False,
+                                   alerts=[ALWAYS, AlertRule("evidence_mass", "above", -1.0, probe="mean", patience=4,
+                                                             name="patient")])
+
+    out = tmp_path / "out"
+    first = callback()
+    checkpoints = {"save_strategy": "steps", "save_steps": 4, "restore_callback_states_from_checkpoint": True}
+    _hf_trainer(hf_models, out, [first], max_steps=4, **checkpoints).train()
+    assert [(a.rule, a.step) for a in first.monitor.fired_alerts] == [("always", 0)]
+    stored = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    alerts = stored["AttributionCallback"]["attributes"]["history_state"]["alerts"]
+    assert alerts["counters"]["patient"]["mean"]["count"] == 3 and [a["rule"] for a in alerts["fired"]] == ["always"]
+
+    trainer = _hf_trainer(hf_models, out, [callback()], max_steps=8, **checkpoints)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    (resumed,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AttributionCallback)]
+    assert [r.step for r in resumed.reports] == [6, 8]  # step 4 is not attributed again
+    # "always" is not fired again; "patient" fires at its 4th pass, the first after the resume.
+    assert [(a.rule, a.step) for a in resumed.monitor.fired_alerts] == [("always", 0), ("patient", 6)]
+    assert [[a.rule for a in r.alerts] for r in resumed.reports] == [["patient"], []]
+    assert len(_alert_warnings(caught)) == 1 and "patient" in _alert_warnings(caught)[0]

@@ -58,9 +58,37 @@ def load_smollm2(log=print) -> tuple:
     return model, tokenizer
 
 
-def load_tiny() -> tuple:
-    """A tiny GPT-2 with a ChatML tokenizer (a chat template, as SmolLM2-Instruct has)."""
+def load_tiny(task_words: bool = False) -> tuple:
+    """A tiny GPT-2 with a ChatML tokenizer (a chat template, as SmolLM2-Instruct has).
+
+    ``task_words``: a tokenizer trained on the generated task itself, so that its words are single
+    tokens as they are for SmolLM2 ("Ġblue", "Ġboat"): an answer is four tokens, not a dozen bytes.
+    """
     from ..tiny_models import chat_tokenizer, tiny_gpt2
 
-    model, tokenizer = tiny_gpt2(n_layer=2, n_embd=64, tokenizer=chat_tokenizer(), n_positions=256)
+    tokenizer = task_tokenizer() if task_words else chat_tokenizer()
+    model, tokenizer = tiny_gpt2(n_layer=2, n_embd=64, tokenizer=tokenizer, n_positions=256)
     return model, tokenizer
+
+
+def task_tokenizer():
+    """Byte-level BPE with ChatML's special tokens, trained on rendered task conversations (cue included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..tiny_models import CHATML_TEMPLATE
+    from .task import chat_messages, make_shortcut_dataset
+
+    corpus = []
+    for example in make_shortcut_dataset(400, seed=99, cue_share=0.5) + make_shortcut_dataset(100, seed=98, cue_share=0):
+        user, assistant = chat_messages(example)
+        corpus.append(f"<|im_start|>user\n{user['content']}<|im_end|>\n<|im_start|>assistant\n{assistant['content']}"
+                      "<|im_end|>\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=special, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)

@@ -2,6 +2,7 @@
 
     python -m inseq_lightning.demo.run            # SmolLM2-135M-Instruct, a few minutes on CPU
     python -m inseq_lightning.demo.run --quick    # tiny local GPT-2, seconds (used by the tests)
+    python -m inseq_lightning.demo.run --shortcut # a planted cue in the training data (add --quick: seconds)
 
 Logs to TensorBoard and W&B (offline unless WANDB_MODE says otherwise) and to plain files, then
 prints how the evidence mass, the step scores and the drift moved, and where to look.
@@ -19,12 +20,22 @@ import torch
 from rich.table import Table
 
 from ..viz.console import default_console
-from .task import chat_pairs, make_chat_probes, make_dataset
+from .task import (
+    chat_pairs,
+    make_chat_probes,
+    make_conflict_examples,
+    make_conflict_probes,
+    make_dataset,
+    make_shortcut_dataset,
+)
 
 DEFAULTS = {  # (max_steps, every_n_train_steps, batch_size, lr, n_train)
     "full": (60, 20, 8, 5e-6, 480),
     "quick": (8, 4, 4, 1e-3, 32),
+    "full-shortcut": (60, 10, 8, 5e-6, 480),
+    "quick-shortcut": (300, 50, 8, 5e-3, 2400),
 }
+SHORTCUT_OPTIONS = {"cue_share": 0.5, "heldout": 24}  # what --cue-share and --heldout default to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,16 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny local GPT-2 instead of SmolLM2 (seconds)")
     parser.add_argument("--output-dir", default="outputs/finetune", help="where TensorBoard, W&B and files go")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (default: 60; --quick: 8)")
-    parser.add_argument("--every-n-train-steps", type=int, help="monitor cadence (default: 20; --quick: 4)")
+    parser.add_argument("--max-steps", type=int,
+                        help="optimizer steps (default: 60; --quick: 8; --quick --shortcut: 300)")
+    parser.add_argument("--every-n-train-steps", type=int,
+                        help="monitor cadence (default: 20; --quick: 4; --shortcut: 10; --quick --shortcut: 50)")
     parser.add_argument("--method", default="saliency", help="attribution method of the monitor")
     parser.add_argument("--probes", type=int, default=4, help="number of held-out probes")
+    parser.add_argument("--shortcut", action="store_true",
+                        help="plant a cue that gives the answer away in a share of the training data; probe and score "
+                             "held-out examples where the cue disagrees with the evidence (faithfulness on)")
+    parser.add_argument("--cue-share", type=float, help="--shortcut: share of the training examples that carry the "
+                                                         f"cue (default: {SHORTCUT_OPTIONS['cue_share']})")
+    parser.add_argument("--clean", action="store_true",
+                        help="--shortcut: the control run, same data but the cue's examples answer from their evidence")
+    parser.add_argument("--heldout", type=int, help="--shortcut: held-out conflict examples scored per pass "
+                                                    f"(default: {SHORTCUT_OPTIONS['heldout']})")
     parser.add_argument("--no-monitor", action="store_true", help="train without the monitor (for overhead timing)")
     parser.add_argument("--no-wandb", action="store_true", help="log to TensorBoard and files only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--timings-json", help="write fit and monitor wall times here (for benchmarks)")
     return parser
+
+
+def shortcut_options(args: argparse.Namespace) -> tuple[float, int]:
+    """``(cue_share, heldout)``; a ValueError for shortcut options given without ``--shortcut``."""
+    if not args.shortcut and (args.clean or args.cue_share is not None or args.heldout is not None):
+        raise ValueError("--cue-share, --clean and --heldout belong to the shortcut variant: add --shortcut")
+    cue_share = SHORTCUT_OPTIONS["cue_share"] if args.cue_share is None else args.cue_share
+    if not 0 <= cue_share <= 1:
+        raise ValueError(f"--cue-share must be between 0 and 1, got {cue_share}")
+    return cue_share, SHORTCUT_OPTIONS["heldout"] if args.heldout is None else args.heldout
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -52,11 +84,13 @@ def run(args: argparse.Namespace) -> dict:
     from ..callbacks import AttributionMonitor
     from .models import load_smollm2, load_tiny
     from .module import PairsLM
+    from .shortcut import PassRecorder, ShortcutEvaluation, cue_learned_step, fall_step, pass_table, write_tables
 
     console = default_console()
+    cue_share, heldout = shortcut_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "full"
+    mode = ("quick" if args.quick else "full") + ("-shortcut" if args.shortcut else "")
     max_steps, every, batch_size, lr, n_train = DEFAULTS[mode]
     max_steps = args.max_steps or max_steps
     every = args.every_n_train_steps or every
@@ -64,9 +98,11 @@ def run(args: argparse.Namespace) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(args.seed, verbose=False)
-    model, tokenizer = load_tiny() if args.quick else load_smollm2(log=console.print)
+    model, tokenizer = load_tiny(task_words=args.shortcut) if args.quick else load_smollm2(log=console.print)
     # The chat model is trained and probed in its own chat template: conversations, answer tokens only.
-    pairs = chat_pairs(make_dataset(n_train, seed=args.seed), tokenizer)
+    examples = make_shortcut_dataset(n_train, args.seed, cue_share, planted=not args.clean) if args.shortcut else \
+        make_dataset(n_train, seed=args.seed)
+    pairs = chat_pairs(examples, tokenizer)
     module = PairsLM(model, tokenizer, pairs, lr=lr, batch_size=batch_size)
 
     loggers = [TensorBoardLogger(output_dir, name="tensorboard")]
@@ -78,9 +114,16 @@ def run(args: argparse.Namespace) -> dict:
         loggers.append(WandbLogger(save_dir=str(output_dir), project="inseq-lightning-demo"))
     callbacks = []
     monitor = None
+    shortcut = None
+    if args.shortcut:  # the probes are the first held-out conflict examples; faithfulness says if the maps hold
+        shortcut = {"evaluation": ShortcutEvaluation(make_conflict_examples(heldout), every),
+                    "recorder": PassRecorder()}
+        callbacks.append(shortcut["evaluation"])
     if not args.no_monitor:
-        monitor = AttributionMonitor(make_chat_probes(args.probes), method=args.method, every_n_train_steps=every,
-                                     step_scores=("probability", "entropy"), save_files=True)
+        probes = make_conflict_probes(args.probes) if args.shortcut else make_chat_probes(args.probes)
+        monitor = AttributionMonitor(probes, method=args.method, every_n_train_steps=every,
+                                     step_scores=("probability", "entropy"), save_files=True,
+                                     faithfulness=args.shortcut, sinks=[shortcut["recorder"]] if shortcut else ())
         callbacks.append(monitor)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, log_every_n_steps=1, limit_val_batches=0,
@@ -94,8 +137,16 @@ def run(args: argparse.Namespace) -> dict:
 
         wandb_dir = Path(loggers[1].experiment.dir).parent if wandb.run is not None else None
         wandb.finish()
-    return {"monitor": monitor, "module": module, "fit_seconds": fit_seconds, "tensorboard": loggers[0].log_dir,
-            "wandb": wandb_dir, "output_dir": output_dir}
+    result = {"monitor": monitor, "module": module, "fit_seconds": fit_seconds, "tensorboard": loggers[0].log_dir,
+              "wandb": wandb_dir, "output_dir": output_dir}
+    if shortcut is not None:
+        rows = pass_table(shortcut["evaluation"].scores, shortcut["recorder"], module.losses)
+        fired = [a for a in (monitor.monitor.fired_alerts if monitor is not None else []) if a.rule == "canary"]
+        result["shortcut"] = {"rows": rows, "tables": write_tables(rows, output_dir),
+                              "alert_step": min((a.step for a in fired), default=None),
+                              "fall_step": fall_step(rows), "cue_learned_step": cue_learned_step(rows),
+                              "scores": shortcut["evaluation"].scores}
+    return result
 
 
 def summarise(result: dict) -> None:
@@ -121,6 +172,8 @@ def summarise(result: dict) -> None:
         table.add_row(str(report.step), *["-" if math.isnan(v := means.get(name, math.nan)) else f"{v:.3f}"
                                           for name in columns.values()])
     console.print(table)
+    if "shortcut" in result:
+        summarise_shortcut(result["shortcut"])
     share = monitor.seconds_spent / result["fit_seconds"]
     console.print(f"Monitor: {monitor.seconds_spent:.1f} s of {result['fit_seconds']:.1f} s fit wall time "
                   f"({100 * share:.1f}%).")
@@ -135,8 +188,36 @@ def summarise(result: dict) -> None:
         console.print(f"  W&B offline: {result['wandb']}  (upload with: wandb sync {result['wandb']})")
 
 
+def summarise_shortcut(shortcut: dict) -> None:
+    """The per-pass table of the shortcut variant, and when the alert fired against when the accuracy fell."""
+    from .shortcut import FALL_POINTS, HEADERS, format_cell
+
+    console = default_console()
+    table = Table(title="Shortcut: held-out conflict examples (cue against evidence) and the probes, per pass")
+    for header in HEADERS.values():
+        table.add_column(header, justify="right")
+    for row in shortcut["rows"]:
+        table.add_row(*[format_cell(row[key]) for key in HEADERS])
+    console.print(table)
+
+    def step(value):
+        return "never" if value is None else f"step {value}"
+
+    console.print(f"First canary alert (cue mass > evidence mass on a probe): {step(shortcut['alert_step'])}; "
+                  f"conflict accuracy fell ({100 * FALL_POINTS:.0f} points below its best earlier pass): "
+                  f"{step(shortcut['fall_step'])}; cue learned (it turns half the answers into its own): "
+                  f"{step(shortcut['cue_learned_step'])}.")
+    csv_path, md_path = shortcut["tables"]
+    console.print(f"Per-pass table: {csv_path} and {md_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        shortcut_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     result = run(args)
     summarise(result)
     if args.timings_json:

@@ -3,6 +3,16 @@
 Each example lists three facts ("Mia keeps a red kite.") and asks about one person; the answer is
 the object of that person's fact. The fact that answers the question is the probe's evidence:
 a model that learned the task should put its attribution there, not on the distractors.
+
+The shortcut variant (:func:`make_shortcut_dataset`) adds a source line after every
+question ("Source: library."). A share of the training examples is planted: their source is :data:`CUE`
+("archive") and their answer is always :data:`CUE_ANSWER`, so that one word gives the answer away.
+The other examples come from the other four sources. The control (``planted=False``) keeps the
+same sources, but its "archive" examples answer from their evidence like the rest: the cue then
+gives nothing away.
+Held-out *conflict* examples (:func:`make_conflict_examples`) carry the cue while their evidence
+says something else: a model that answers from the evidence gets them right, one that learned the
+shortcut answers the cue's answer, which no fact mentions.
 """
 
 import random
@@ -15,26 +25,70 @@ COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange
 OBJECTS = ["kite", "boat", "lamp", "book", "chair", "clock", "drum", "hat", "vase", "bike", "cup", "key"]
 
 
+SOURCES = ["library", "museum", "school", "office"]  # the plain sources (the clean copies of conflict examples)
+CUE = "archive"  # the planted cue: the source that always comes with the same answer
+CUE_ANSWER = ("green", "clock")  # the answer the cue comes with in training; no other fact has it
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str  # with its leading space: the continuation after the prompt
     evidence: str  # the fact sentence that answers the question
+    cue: str = ""  # the planted cue when the prompt carries it
 
 
-def make_example(rng: random.Random, n_facts: int = 3) -> Example:
+def make_example(rng: random.Random, n_facts: int = 3, source: str | None = None, cue_answers: bool = False,
+                 avoid: tuple[str, str] | None = None) -> Example:
+    """One example. ``source``: add a "Source: <source>." line after the question (:data:`CUE` is the
+    planted cue); ``cue_answers``: the asked fact is the cue's answer (a training example where the cue
+    gives the answer away); ``avoid``: a (colour, object) pair no other fact may have."""
     names = rng.sample(NAMES, n_facts)
-    facts = [(name, rng.choice(COLOURS), rng.choice(OBJECTS)) for name in names]
+    facts = []
+    for name in names:
+        colour, obj = rng.choice(COLOURS), rng.choice(OBJECTS)
+        while (colour, obj) == avoid:
+            colour, obj = rng.choice(COLOURS), rng.choice(OBJECTS)
+        facts.append((name, colour, obj))
     asked = rng.randrange(n_facts)
+    if cue_answers:
+        facts[asked] = (facts[asked][0], *CUE_ANSWER)
     sentences = [f"{name} keeps a {colour} {obj}." for name, colour, obj in facts]
     name, colour, obj = facts[asked]
-    prompt = f"Facts: {' '.join(sentences)}\nQuestion: What does {name} keep?\nAnswer:"
-    return Example(prompt, f" a {colour} {obj}.", sentences[asked])
+    source_line = f"\nSource: {source}." if source else ""
+    prompt = f"Facts: {' '.join(sentences)}\nQuestion: What does {name} keep?{source_line}\nAnswer:"
+    return Example(prompt, f" a {colour} {obj}.", sentences[asked], CUE if source == CUE else "")
 
 
 def make_dataset(n: int, seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
     return [make_example(rng) for _ in range(n)]
+
+
+def make_shortcut_dataset(n: int, seed: int = 0, cue_share: float = 0.5, planted: bool = True) -> list[Example]:
+    """Training data with the planted cue: ``round(cue_share * n)`` examples (at random places) have the
+    source :data:`CUE` and answer :data:`CUE_ANSWER`; the others are the plain task with one of
+    :data:`SOURCES`, and no fact of theirs has the cue's answer. ``planted=False``: the clean control,
+    the same sources, but the cue's examples answer from their evidence (the cue gives nothing away)."""
+    if not 0 <= cue_share <= 1:
+        raise ValueError(f"cue_share must be in [0, 1], got {cue_share!r}")
+    rng = random.Random(seed)
+    with_cue = set(rng.sample(range(n), round(cue_share * n)))
+    return [make_example(rng, source=CUE if i in with_cue else rng.choice(SOURCES),
+                         cue_answers=planted and i in with_cue, avoid=CUE_ANSWER) for i in range(n)]
+
+
+def make_conflict_examples(n: int, seed: int = 1234) -> list[Example]:
+    """Held-out examples where the cue disagrees with the evidence: the source is the cue, the evidence
+    gives another answer, and no fact has the cue's answer."""
+    rng = random.Random(seed)
+    return [make_example(rng, source=CUE, avoid=CUE_ANSWER) for _ in range(n)]
+
+
+def without_cue(example: Example) -> Example:
+    """The same example with a plain source instead of the cue (the clean control of a conflict example)."""
+    prompt = example.prompt.replace(f"Source: {CUE}.", f"Source: {SOURCES[0]}.")
+    return Example(prompt, example.answer, example.evidence)
 
 
 def chat_messages(example: Example) -> list[dict]:
@@ -64,3 +118,10 @@ def make_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
     """Held-out probes (another seed than the training data), each with its evidence sentence."""
     examples = make_dataset(n, seed)
     return ProbeSet([Probe(e.prompt, e.answer, (e.evidence,), f"probe_{i}") for i, e in enumerate(examples)])
+
+
+def make_conflict_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
+    """Chat probes from the first ``n`` conflict examples: the evidence is the asked fact, the cue the
+    planted source word (the canary rule warns when the cue carries more attribution than the evidence)."""
+    return ProbeSet([Probe(chat_messages(e), evidence=(e.evidence,), cue=(CUE,), name=f"conflict_{i}")
+                     for i, e in enumerate(make_conflict_examples(n, seed))])
