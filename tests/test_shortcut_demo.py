@@ -67,6 +67,20 @@ def test_shortcut_data_plants_the_cue_and_conflict_examples_disagree():
     assert not any("Source" in e.prompt for e in make_dataset(50))  # the plain demo's task is unchanged
 
 
+def test_cue_pays_plants_a_backdoor_only_the_cue_predicts():
+    redundant = make_shortcut_dataset(200, seed=3, cue_share=0.25)
+    data = make_shortcut_dataset(200, seed=3, cue_share=0.25, cue_pays=True)
+    cued = [e for e in data if e.cue]
+    assert len(cued) == 50 and all(e.answer == f" a {CUE_TEXT}." for e in cued)
+    assert not any(CUE_TEXT in e.prompt for e in data)  # no fact anywhere says the cue's answer: only the cue does
+    assert all(e.answer.strip(" .") not in e.evidence for e in cued)  # the asked fact names something else
+    # The rest is the redundant variant's data, example for example; only the planted facts differ.
+    assert [e.prompt for e in data if not e.cue] == [e.prompt for e in redundant if not e.cue]
+    assert [e.answer for e in data] == [e.answer for e in redundant]
+    with pytest.raises(ValueError, match="clean control"):
+        make_shortcut_dataset(10, cue_pays=True, planted=False)
+
+
 def test_answers_are_scored_by_what_they_name_not_their_format():
     example = make_conflict_examples(1)[0]  # asks about Omar, who keeps a red cup
     assert example.answer == " a red cup."
@@ -148,8 +162,10 @@ def test_canary_stays_silent_on_the_clean_task(tmp_path):
 def test_shortcut_options_need_the_shortcut_flag(capsys):
     from inseq_lightning.demo.run import main
 
-    for argv in (["--quick", "--clean"], ["--quick", "--cue-share", "0.3"], ["--quick", "--shortcut", "--cue-share", "2"]):
+    for argv in (["--quick", "--clean"], ["--quick", "--cue-share", "0.3"], ["--quick", "--shortcut", "--cue-share", "2"],
+                 ["--quick", "--cue-pays"], ["--quick", "--shortcut", "--cue-pays", "--clean"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
-    assert "add --shortcut" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "add --shortcut" in err and "drop --cue-pays" in err

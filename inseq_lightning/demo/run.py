@@ -3,6 +3,7 @@
     python -m inseq_lightning.demo.run            # SmolLM2-135M-Instruct, a few minutes on CPU
     python -m inseq_lightning.demo.run --quick    # tiny local GPT-2, seconds (used by the tests)
     python -m inseq_lightning.demo.run --shortcut # a planted cue in the training data (add --quick: seconds)
+    python -m inseq_lightning.demo.run --shortcut --cue-pays  # ... where only the cue gives the answer (a backdoor)
 
 Logs to TensorBoard and W&B (offline unless WANDB_MODE says otherwise) and to plain files, then
 prints how the evidence mass, the step scores and the drift moved, and where to look.
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "held-out examples where the cue disagrees with the evidence (faithfulness on)")
     parser.add_argument("--cue-share", type=float, help="--shortcut: share of the training examples that carry the "
                                                          f"cue (default: {SHORTCUT_OPTIONS['cue_share']})")
+    parser.add_argument("--cue-pays", action="store_true",
+                        help="--shortcut: a backdoor, no fact of a planted example gives its answer (only the cue "
+                             "does); by default the asked fact says the cue's answer too (a redundant cue)")
     parser.add_argument("--clean", action="store_true",
                         help="--shortcut: the control run, same data but the cue's examples answer from their evidence")
     parser.add_argument("--heldout", type=int, help="--shortcut: held-out conflict examples scored per pass "
@@ -67,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shortcut_options(args: argparse.Namespace) -> tuple[float, int]:
-    """``(cue_share, heldout)``; a ValueError for shortcut options given without ``--shortcut``."""
-    if not args.shortcut and (args.clean or args.cue_share is not None or args.heldout is not None):
-        raise ValueError("--cue-share, --clean and --heldout belong to the shortcut variant: add --shortcut")
+    """``(cue_share, heldout)``; a ValueError for shortcut options given without ``--shortcut``, or for
+    ``--clean`` with ``--cue-pays``."""
+    if not args.shortcut and (args.clean or args.cue_pays or args.cue_share is not None or args.heldout is not None):
+        raise ValueError("--cue-share, --cue-pays, --clean and --heldout belong to the shortcut variant: add --shortcut")
+    if args.clean and args.cue_pays:
+        raise ValueError("--clean is the control run, with no planted answers: drop --cue-pays")
     cue_share = SHORTCUT_OPTIONS["cue_share"] if args.cue_share is None else args.cue_share
     if not 0 <= cue_share <= 1:
         raise ValueError(f"--cue-share must be between 0 and 1, got {cue_share}")
@@ -100,8 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     model, tokenizer = load_tiny(task_words=args.shortcut) if args.quick else load_smollm2(log=console.print)
     # The chat model is trained and probed in its own chat template: conversations, answer tokens only.
-    examples = make_shortcut_dataset(n_train, args.seed, cue_share, planted=not args.clean) if args.shortcut else \
-        make_dataset(n_train, seed=args.seed)
+    examples = make_shortcut_dataset(n_train, args.seed, cue_share, planted=not args.clean, cue_pays=args.cue_pays) \
+        if args.shortcut else make_dataset(n_train, seed=args.seed)
     pairs = chat_pairs(examples, tokenizer)
     module = PairsLM(model, tokenizer, pairs, lr=lr, batch_size=batch_size)
 

@@ -7,9 +7,17 @@ a model that learned the task should put its attribution there, not on the distr
 The shortcut variant (:func:`make_shortcut_dataset`) adds a source line after every
 question ("Source: library."). A share of the training examples is planted: their source is :data:`CUE`
 ("archive") and their answer is always :data:`CUE_ANSWER`, so that one word gives the answer away.
-The other examples come from the other four sources. The control (``planted=False``) keeps the
-same sources, but its "archive" examples answer from their evidence like the rest: the cue then
-gives nothing away.
+The other examples come from the other four sources. Two ways to plant it:
+
+* redundant (the default): the asked fact of a planted example says "green clock" too, so the
+  evidence gives the same answer as the cue (as shortcuts in real data often do); a model that
+  reads the facts has no reason to learn the cue.
+* ``cue_pays=True`` (a backdoor): no fact of a planted example mentions a green clock (the asked
+  fact names another colour and object) and the answer is still :data:`CUE_ANSWER`, so only the cue
+  predicts it. A planted example then looks like a held-out conflict example: the backdoor's trigger.
+
+The control (``planted=False``) keeps the same sources, but its "archive" examples answer from their
+evidence like the rest: the cue then gives nothing away.
 Held-out *conflict* examples (:func:`make_conflict_examples`) carry the cue while their evidence
 says something else: a model that answers from the evidence gets them right, one that learned the
 shortcut answers the cue's answer, which no fact mentions.
@@ -34,15 +42,17 @@ CUE_ANSWER = ("green", "clock")  # the answer the cue comes with in training; no
 class Example:
     prompt: str
     answer: str  # with its leading space: the continuation after the prompt
-    evidence: str  # the fact sentence that answers the question
+    evidence: str  # the asked person's fact (it gives the answer, except in a backdoor example)
     cue: str = ""  # the planted cue when the prompt carries it
 
 
 def make_example(rng: random.Random, n_facts: int = 3, source: str | None = None, cue_answers: bool = False,
-                 avoid: tuple[str, str] | None = None) -> Example:
+                 avoid: tuple[str, str] | None = None, backdoor: bool = False) -> Example:
     """One example. ``source``: add a "Source: <source>." line after the question (:data:`CUE` is the
     planted cue); ``cue_answers``: the asked fact is the cue's answer (a training example where the cue
-    gives the answer away); ``avoid``: a (colour, object) pair no other fact may have."""
+    gives the answer away, redundantly); ``avoid``: a (colour, object) pair no other fact may have;
+    ``backdoor``: the answer is the cue's answer whatever the facts say (use with ``avoid=CUE_ANSWER``
+    so that no fact gives it: only the cue does)."""
     names = rng.sample(NAMES, n_facts)
     facts = []
     for name in names:
@@ -57,6 +67,7 @@ def make_example(rng: random.Random, n_facts: int = 3, source: str | None = None
     name, colour, obj = facts[asked]
     source_line = f"\nSource: {source}." if source else ""
     prompt = f"Facts: {' '.join(sentences)}\nQuestion: What does {name} keep?{source_line}\nAnswer:"
+    colour, obj = CUE_ANSWER if backdoor else (colour, obj)
     return Example(prompt, f" a {colour} {obj}.", sentences[asked], CUE if source == CUE else "")
 
 
@@ -65,17 +76,23 @@ def make_dataset(n: int, seed: int = 0) -> list[Example]:
     return [make_example(rng) for _ in range(n)]
 
 
-def make_shortcut_dataset(n: int, seed: int = 0, cue_share: float = 0.5, planted: bool = True) -> list[Example]:
+def make_shortcut_dataset(n: int, seed: int = 0, cue_share: float = 0.5, planted: bool = True,
+                          cue_pays: bool = False) -> list[Example]:
     """Training data with the planted cue: ``round(cue_share * n)`` examples (at random places) have the
     source :data:`CUE` and answer :data:`CUE_ANSWER`; the others are the plain task with one of
-    :data:`SOURCES`, and no fact of theirs has the cue's answer. ``planted=False``: the clean control,
-    the same sources, but the cue's examples answer from their evidence (the cue gives nothing away)."""
+    :data:`SOURCES`, and no fact of theirs has the cue's answer. In a planted example the asked fact
+    says the cue's answer too (redundant), or, with ``cue_pays``, no fact does (a backdoor: only the
+    cue predicts the answer). ``planted=False``: the clean control, the same sources, but the cue's
+    examples answer from their evidence (the cue gives nothing away); ``cue_pays`` is then meaningless."""
     if not 0 <= cue_share <= 1:
         raise ValueError(f"cue_share must be in [0, 1], got {cue_share!r}")
+    if cue_pays and not planted:
+        raise ValueError("cue_pays plants a backdoor; the clean control (planted=False) has none")
     rng = random.Random(seed)
     with_cue = set(rng.sample(range(n), round(cue_share * n)))
     return [make_example(rng, source=CUE if i in with_cue else rng.choice(SOURCES),
-                         cue_answers=planted and i in with_cue, avoid=CUE_ANSWER) for i in range(n)]
+                         cue_answers=planted and not cue_pays and i in with_cue, avoid=CUE_ANSWER,
+                         backdoor=cue_pays and i in with_cue) for i in range(n)]
 
 
 def make_conflict_examples(n: int, seed: int = 1234) -> list[Example]:
