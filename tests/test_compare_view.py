@@ -12,17 +12,13 @@ import copy
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_tensorboard_plugin import CHROMIUM, ROUTES, _DevTools, _free_port, _get
+from test_tensorboard_plugin import CHROMIUM, ROUTES, _DevTools, _get, tensorboard_server
 from torch.utils.tensorboard import SummaryWriter
 
 from inseq_lightning.monitor import Probe, ProbeMonitor
@@ -82,26 +78,8 @@ def logged(hf_models, tmp_path_factory):
         ProbeMonitor([Probe(prompt, " on the mat", name="cat")]).run(
             model, tok, step, sinks=[TensorBoardSink(swap, log_text=False, log_figures=False)])
     swap.close()
-    port = _free_port()
-    tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
-    with (logdir.parent / "tensorboard_compare.log").open("w") as stderr:
-        process = subprocess.Popen([tensorboard, "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if "inseq_lightning" in json.loads(_get(base + "/data/plugins_listing")[1]):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("TensorBoard did not list the inseq_lightning plugin within 60 s")
+    with tensorboard_server(logdir, logdir.parent / "tensorboard_compare.log") as base:
         yield Logged(base, run_dir, reports, _event_scalars(run_dir))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 class _Browser(_DevTools):

@@ -2,6 +2,7 @@
 pages two monitors wrote on one run (and nothing else) with the headers TensorBoard requires, and
 headless Chromium renders both monitors' pages from the plugin's own frontend module."""
 
+import contextlib
 import json
 import os
 import select
@@ -47,6 +48,32 @@ def _get(url: str) -> tuple[int, str, dict[str, str]]:
         return error.code, error.read().decode(), dict(error.headers)
 
 
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path, log: Path):
+    """A real ``tensorboard --logdir`` on a free local port, stderr in ``log``; yields its base URL once
+    it lists this plugin, and stops it on exit."""
+    port = _free_port()
+    tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
+    with log.open("w") as stderr:
+        process = subprocess.Popen([tensorboard, "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if "inseq_lightning" in json.loads(_get(base + "/data/plugins_listing")[1]):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("TensorBoard did not list the inseq_lightning plugin within 60 s")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def _csp(headers: dict[str, str]) -> dict[str, str]:
     policy = {k.lower(): v for k, v in headers.items()}.get("content-security-policy", "")
     return dict(d.strip().split(" ", 1) for d in policy.split(";") if d.strip())
@@ -65,27 +92,9 @@ def server(hf_models, tmp_path_factory):
             monitor.run(model, tok, step, sinks=[sink])
     writer.close()
     (logdir / "run_a" / "secret.txt").write_text("not for the browser")
-    port = _free_port()
-    tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
     log = logdir.parent / "tensorboard.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen([tensorboard, "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if "inseq_lightning" in json.loads(_get(base + "/data/plugins_listing")[1]):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("TensorBoard did not list the inseq_lightning plugin within 60 s")
+    with tensorboard_server(logdir, log) as base:
         yield Server(base, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_tab_is_registered_and_lists_both_monitors_pages(server):
