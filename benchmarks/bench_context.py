@@ -11,10 +11,10 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 import warnings
 
 import torch
+from alternating import alternating_times
 
 warnings.filterwarnings("ignore")
 THREADS = 2
@@ -94,13 +94,7 @@ def time_workload(name: str, repeats: int) -> dict[str, list[float]]:
     run = runners(name)
     outputs = {key: fn() for key, fn in run.items()}  # warm-up
     print(f"{name}: {same_result(outputs['inseq-lightning'], outputs['inseq'])}", file=sys.stderr, flush=True)
-    times = {key: [] for key in run}
-    for _ in range(repeats):
-        for key, fn in run.items():  # alternate so that machine noise hits both
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return times
+    return alternating_times(run, repeats)
 
 
 def main() -> None:

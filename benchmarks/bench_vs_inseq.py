@@ -13,10 +13,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
+from alternating import alternating_times
 
 warnings.filterwarnings("ignore")
 THREADS = 2
@@ -138,13 +138,7 @@ def time_workload(name: str, repeats: int) -> dict[str, list[float]]:
         diff = max_difference(outputs["inseq-lightning"], outputs["inseq"])
         print(f"{name}: aggregated attributions, largest difference from inseq {diff:.1e} "
               f"({'within' if diff <= 1e-4 else 'NOT within'} 1e-4)", flush=True)
-    times = {k: [] for k in run}
-    for _ in range(repeats):
-        for key, fn in run.items():  # alternate so that machine noise hits both
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return times
+    return alternating_times(run, repeats)
 
 
 def _status_kib(field: str) -> int:
