@@ -197,7 +197,13 @@ def test_generation_when_no_target_is_given(hf_models):
                                                                      show_progress=False)
     assert args == {"max_new_tokens": 4, "do_sample": False}, "generation_args must not be mutated"
     assert out.info["generated_texts"][0].startswith("Hello world")
-    assert 1 <= out[0].attr_pos_end - out[0].attr_pos_start <= 4
+    # Every token the model's own greedy generation adds is a step (fewer than 4 only if it stops at EOS).
+    prompt = tok("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        own = model.generate(**prompt, **args, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    new_tokens = own.shape[1] - prompt["input_ids"].shape[1]
+    assert 1 <= new_tokens <= 4
+    assert out[0].attr_pos_end - out[0].attr_pos_start == new_tokens
 
 
 def test_output_step_attributions_match_sequence_columns(hf_models):

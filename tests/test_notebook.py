@@ -53,7 +53,9 @@ def executed():
     except Exception as err:
         if "CellExecutionError" in type(err).__name__:
             raise
-        pytest.skip(f"no Jupyter kernel could run here ({type(err).__name__}: {err})")
+        # ipykernel and nbclient are in the test extra that `make test` installs: a kernel that cannot
+        # start is a broken setup, never a pass.
+        pytest.fail(f"no Jupyter kernel could run here ({type(err).__name__}: {err}); install the test extra")
     return nb
 
 
