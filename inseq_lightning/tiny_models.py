@@ -133,9 +133,9 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0
 def tiny_llama(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None, **config) -> tuple:
     tok = tokenizer or llama_tokenizer()
     torch.manual_seed(seed)
-    config = {"num_hidden_layers": 2, **config}  # overridable, like the other sizes
+    config = {"num_hidden_layers": 2, "max_position_embeddings": 128, **config}  # overridable, like the other sizes
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      num_attention_heads=4, num_key_value_heads=2,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, **config)
     return LlamaForCausalLM(cfg).eval(), tok

@@ -168,7 +168,7 @@ def test_cci_scores_are_the_gradient_norms_of_the_context_tokens(models):
         torch.testing.assert_close(torch.tensor(cci.input_context_scores), expected, rtol=1e-4, atol=1e-7)
 
 
-def test_cti_runs_one_forward_per_condition_and_cci_one_batched_attribution(models):
+def test_cti_runs_one_forward_of_both_conditions_and_cci_one_batched_attribution(models):
     am = _model(models, "gpt2")
     calls = []
     handle = am.model.register_forward_hook(lambda module, args, output: calls.append(output.logits.shape[0]))
@@ -179,8 +179,8 @@ def test_cti_runs_one_forward_per_condition_and_cci_one_batched_attribution(mode
     finally:
         handle.remove()
     assert len(out.cci_scores) >= 3
-    # CTI: the contextless forward and the contextual (contrast) one; CCI: one forward of all sensitive tokens
-    assert calls == [1, 1, len(out.cci_scores)]
+    # CTI: one forward of the contextless and the contextual (contrast) rows; CCI: one of all sensitive tokens
+    assert calls == [2, len(out.cci_scores)]
 
 
 def test_the_output_round_trips_through_json_and_shows_in_the_console_and_html(models, tmp_path, capsys):
@@ -303,3 +303,28 @@ def test_bad_inputs_get_a_typed_error_and_leave_the_model_as_it_was(models, fiel
 def test_inconsistent_arguments_are_refused_before_anything_runs(fields, match):
     with pytest.raises(InvalidInputError, match=match):
         AttributeContextArgs(**fields)
+
+
+def test_each_text_is_tokenized_once_per_call_and_not_reused_across_calls(models, monkeypatch):
+    """Context attribution goes back and forth between texts and tokens: inside one call every (text, flags) is
+    tokenized once; a tokenizer changed between calls is seen by the next call (nothing is kept)."""
+    _, fields = _case(models, "gpt2-both-contexts-contrastive")
+    model = _model(models, "gpt2")
+    tokenizer_type = type(model.tokenizer)
+    original = tokenizer_type.__call__
+    seen = []
+
+    def counting(self, *args, **kwargs):
+        text = kwargs.get("text", kwargs.get("text_target", args[0] if args else None))
+        if "return_offsets_mapping" not in kwargs:
+            seen.append((text, "text_target" in kwargs, kwargs.get("add_special_tokens")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_type, "__call__", counting)
+    first = il.attribute_context(model=model, show_viz=False, **copy.deepcopy(fields))
+    assert len(seen) == len(set(seen)) >= 5, seen
+    calls = len(seen)
+    second = il.attribute_context(model=model, show_viz=False, **copy.deepcopy(fields))
+    assert len(seen) == 2 * calls  # the second call tokenized everything again
+    assert second.cti_scores == first.cti_scores
+    assert [c.input_context_scores for c in second.cci_scores] == [c.input_context_scores for c in first.cci_scores]

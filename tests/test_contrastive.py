@@ -135,6 +135,36 @@ def test_contrast_logits_of_all_steps_come_from_one_forward(hf_models):
     assert len(calls) == 2  # the attributed forward + one contrast forward, for 7 steps and 7 functions
 
 
+@pytest.mark.parametrize("family", ["gpt2", "marian"])
+def test_step_scores_only_run_the_real_and_contrast_rows_in_one_padded_forward(hf_models, family):
+    """``dummy`` with contrastive step scores: one forward over the real and the contrast rows, right-padded
+    to a common length, gives the numbers of the two separate forwards a gradient method runs (a padded
+    batch of two, targets and contrasts of different lengths)."""
+    model, tok = hf_models[family]
+    seq2seq = model.config.is_encoder_decoder
+    prompts = ["Hello world", "The cat sat on the mat"]
+    targets = (["Le chat est noir", "Le chien"] if seq2seq
+               else ["Hello world, this is a cat", "The cat sat on the mat and slept"])
+    contrasts = (["Le chien est noir et blanc", "Un chat"] if seq2seq
+                 else ["Hello world, this is a big dog", "The cat sat on the mat"])
+    kwargs = {"step_scores": CONTRASTIVE, "contrast_targets": contrasts, "show_progress": False}
+    if not seq2seq:  # the second contrast is shorter than its target: align its last token with every step
+        kwargs["contrast_targets_alignments"] = [[], [(k, 6) for k in range(7, 11)]]
+    calls = []
+    dummy_model = copy.deepcopy(model)
+    handle = dummy_model.register_forward_hook(lambda module, args, output: calls.append(output.logits.shape[0]))
+    try:
+        joint = il.load_model(dummy_model, "dummy", tokenizer=tok).attribute(prompts, targets, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == [4]
+    separate = il.load_model(copy.deepcopy(model), "saliency", tokenizer=tok).attribute(prompts, targets, **kwargs)
+    for ours, ref in zip(joint.sequence_attributions, separate.sequence_attributions, strict=True):
+        assert set(ours.step_scores) == set(CONTRASTIVE)
+        for name in CONTRASTIVE:
+            torch.testing.assert_close(ours.step_scores[name], ref.step_scores[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_contrastive_attributed_function_is_the_gradient_of_the_difference(hf_models):
     """``attributed_fn="contrast_prob_diff"``: saliency is |d (p(y) - p(y')) / d e| on the original
     forward (inseq's rule without contrast_force_inputs), computed here with autograd for each step."""

@@ -11,7 +11,7 @@ import torch
 import inseq_lightning as il
 from inseq_lightning.monitor import ProbeMonitor, ProbeSet
 from inseq_lightning.monitor.probes import Probe
-from inseq_lightning.tiny_models import TOKENIZERS, tiny_llama
+from inseq_lightning.tiny_models import TOKENIZERS, tiny_gpt2, tiny_llama
 
 PROMPT = "Das ist"
 
@@ -84,3 +84,25 @@ def test_generate_returns_the_prompt_followed_by_the_decoded_continuation(llama_
     [ids] = attr_model.generate_ids([PROMPT], **args)
     n_prompt = len(tok(PROMPT)["input_ids"])
     assert attr_model.generate([PROMPT], **args) == [PROMPT + tok.decode(ids[n_prompt:], skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-dynamic-rope"])
+def test_generation_leaves_no_inference_tensor_on_the_model_and_training_goes_on(family):
+    """A model that caches tensors on itself while generating (a dynamic RoPE growing its frequencies past the
+    trained length) must still train afterwards: generation runs under no_grad, not inference_mode, whose
+    tensors training cannot use."""
+    if family == "gpt2":
+        model, tok = tiny_gpt2()
+    else:
+        model, tok = tiny_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
+    model.train()
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    generated = am.generate_ids(["Hello world, this is a long prompt that goes past sixteen tokens for sure"],
+                                max_new_tokens=4, do_sample=False)[0]
+    assert len(generated) > 16
+    assert model.training  # modes restored
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    ids = torch.tensor([generated])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

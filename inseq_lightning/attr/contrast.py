@@ -111,17 +111,21 @@ def align_positions(positions: list[int], target_length: int, contrast_length: i
     pair of a position whose contrast side is not yet taken, else its first pair; positions without
     a pair aligned right to left from the last contrast token)."""
     chosen: dict[int, int] = {}
+    by_position: dict[int, list[int]] = {}
     for p0, p1 in sorted(set(pairs or [])):
         if not (0 <= p0 < target_length and 0 <= p1 < contrast_length):
             raise InvalidInputError(
                 f"{name}: alignment ({p0}, {p1}) is out of range: the target has {target_length} tokens and the "
                 f"contrast target {contrast_length} (positions count the prompt / decoder start token)"
             )
+        by_position.setdefault(p0, []).append(p1)
+    taken: set[int] = set()
     for p in positions:
-        matches = [p1 for p0, p1 in sorted(set(pairs or [])) if p0 == p]
+        matches = by_position.get(p)
         if matches:
-            free = [p1 for p1 in matches if p1 not in chosen.values()]
+            free = [p1 for p1 in matches if p1 not in taken]
             chosen[p] = free[0] if free else matches[0]
+            taken.add(chosen[p])
     for step, p in enumerate(reversed(positions), start=1):
         if p not in chosen:
             chosen[p] = contrast_length - step if contrast_length - step > 0 else contrast_length - 1

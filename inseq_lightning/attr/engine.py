@@ -41,6 +41,8 @@ class EngineContext:
         request: the validated request.
         progress: ``progress(n)`` advances the caller's bar by ``n`` attributed tokens (sequence-steps).
         contrast: the batch's contrast inputs, when the call has any.
+        sharded: whether the model's parameters are sharded (FSDP, ZeRO-3); None: found out here
+            (``attribute()`` finds out once per call).
 
     Attributes:
         adapter: the model's architecture adapter.
@@ -54,6 +56,7 @@ class EngineContext:
     request: "AttributionRequest"
     progress: Callable[[float], None] | None = None
     contrast: "ContrastBatch | None" = None
+    sharded: bool | None = None  # whether the model's parameters are sharded (None: find out)
     gradient_passes: int = 1
     reported_tokens: float = field(init=False, default=0.0)
 
@@ -63,7 +66,7 @@ class EngineContext:
                                  self.contrast)
         self.positions, self.valid = self.scorer.positions, self.scorer.valid
         self._decoder_embeds = None
-        sharded = has_sharded_parameters(self.model.model)
+        sharded = has_sharded_parameters(self.model.model) if self.sharded is None else self.sharded
         self._head = HeadRecorder(self.model.model, enabled=not sharded)
         budget = self.request.memory_budget_bytes
         if budget is None:

@@ -211,8 +211,38 @@ class StepScorer:
         return scores
 
     def ensure_step_scores(self) -> dict[str, torch.Tensor]:
-        """The step scores, from a fresh forward when the method never ran the real inputs."""
+        """The step scores, from a fresh forward when the method never ran the real inputs (one
+        forward with the contrast inputs when a step function compares with them)."""
         if self.has_step_scores and self.step_score_values is None:
             with torch.no_grad():
-                self.record_step_scores(self.real_step_logits())
+                contrastive = any(uses_contrast(fn) for fn in self.request.step_functions.values())
+                if (contrastive and self.contrast is not None and self._contrast_logits is None
+                        and (self.batch.source_ids is None) == (self.contrast.source_ids is None)):
+                    self.record_step_scores(self._real_and_contrast_step_logits())
+                else:
+                    self.record_step_scores(self.real_step_logits())
         return self.step_score_values or {}
+
+    def _real_and_contrast_step_logits(self) -> torch.Tensor:
+        """``[B, N, V]`` real step logits from one forward over the real and the contrast inputs side
+        by side (right-padded to a common length), which also sets the contrast step logits: a
+        step-scores-only call (context attribution's context sensitivity) runs the model once."""
+        b, c = self.batch, self.contrast
+        pad = self.wrapper.special_ids.pad
+
+        def stacked(real: torch.Tensor | None, other: torch.Tensor | None, value: int) -> torch.Tensor | None:
+            if real is None or other is None:
+                return None
+            length = max(real.shape[1], other.shape[1])
+            return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value) for t in (real, other)])
+
+        source_ids = stacked(b.source_ids, c.source_ids, pad)
+        output = self.wrapper.architecture.forward_ids(
+            stacked(b.target_ids, c.target_ids, pad), stacked(b.target_mask, c.target_mask, 0),
+            source_ids, stacked(b.source_mask, c.source_mask, 0) if source_ids is not None else None,
+            **self.wrapper.forward_defaults)
+        logits = output.logits
+        real, other = logits[: b.size, : b.target_ids.shape[1]], logits[b.size :, : c.target_ids.shape[1]]
+        index = (c.aligned - 1).unsqueeze(-1).expand(-1, -1, other.shape[-1])
+        self._contrast_logits = other.gather(1, index)
+        return self.step_logits(real)

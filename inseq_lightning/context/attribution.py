@@ -32,7 +32,7 @@ from ..attr.step_functions import get_step_function, list_step_functions, uses_c
 from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
 from ..errors import InvalidInputError, UnknownStepFunctionError
 from ..models import AttributionModel, load_model
-from ..models.tokenization import build_batch, encode_target
+from ..models.tokenization import build_batch, encode_target, reused_tokenizations
 from ..utils.model_state import preserve_model_state
 from .args import AttributeContextArgs
 from .output import AttributeContextOutput, CCIOutput
@@ -97,7 +97,8 @@ def attribute_context_with_model(args: AttributeContextArgs, model: AttributionM
     args.generation_kwargs = dict(args.generation_kwargs)
     if args.model_name_or_path is None:
         args.model_name_or_path = model.info["model_name"]
-    with preserve_model_state(model.model):
+    # The same few texts are tokenized over a dozen times between the two steps: once each is enough.
+    with preserve_model_state(model.model), reused_tokenizations():
         output, cti_threshold = _attribute(args, model)
     if args.show_viz or args.viz_path:
         from .viz import visualize_attribute_context

@@ -12,15 +12,14 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from ..models.tokenization import encode_input
+from ..models.tokenization import encode_input, tokenize_ids
 from .args import HandleOutputContextSetting
 
 
 # ---- tokens (inseq's HuggingfaceModel methods, on an AttributionModel) ------------------------------------------------
 def text_to_tokens(model, text: str, skip_special_tokens: bool = False, as_targets: bool = False) -> list[str]:
     """inseq's ``convert_string_to_tokens``: special tokens added unless ``skip_special_tokens``."""
-    key = "text_target" if as_targets else "text"
-    ids = model.tokenizer(**{key: text}, add_special_tokens=not skip_special_tokens)["input_ids"]
+    ids = tokenize_ids(model.tokenizer, text, not skip_special_tokens, as_targets)
     return [str(t) for t in model.tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)]
 
 

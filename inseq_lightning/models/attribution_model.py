@@ -93,6 +93,8 @@ class AttributionModel(InseqModelAPI):
         generates (EOS) are kept. One input at a time, so no padding enters the results.
         """
         results = []
+        # no_grad, not inference_mode (10% faster on small models): tensors a model caches on itself while
+        # generating (a dynamic RoPE's frequencies) would be inference tensors that training cannot use.
         with preserve_model_state(self.model), torch.no_grad():
             self.model.eval()
             for text in input_texts:
@@ -206,7 +208,8 @@ class AttributionModel(InseqModelAPI):
         # One guard for the whole call (generation, every batch): modes, requires_grad, .grad and RNG
         # are snapshotted once and restored when the call returns or raises. Frozen weights: gradients
         # flow to the inputs only (sharded models keep their flags: FSDP registers hooks from them).
-        with preserve_model_state(self.model, freeze=not has_sharded_parameters(self.model)):
+        sharded = has_sharded_parameters(self.model)
+        with preserve_model_state(self.model, freeze=not sharded):
             generated_ids = None
             if generate_from_target_prefix:
                 generated_ids = self._generate_from_prefixes(input_list, generated_texts, skip_special_tokens,
@@ -249,7 +252,7 @@ class AttributionModel(InseqModelAPI):
                 total_tokens = sum(len(positions) for batch in batches for positions in batch.step_positions)
                 with _progress(show_progress, method_name, total_tokens) as advance:
                     for batch, contrast in zip(batches, contrasts):
-                        outputs.append(self._attribute_batch(batch, request, contrast, advance))
+                        outputs.append(self._attribute_batch(batch, request, contrast, advance, sharded))
         out = merge_attributions(outputs) if len(outputs) > 1 else outputs[0]
         if clean_special_chars:
             _clean_special_chars(out, self.tokenizer)
@@ -301,8 +304,9 @@ class AttributionModel(InseqModelAPI):
         return results
 
     def _attribute_batch(self, batch: Batch, request: AttributionRequest, contrast,
-                         advance: Callable[[float], None] = lambda n: None) -> FeatureAttributionOutput:
-        ctx = EngineContext(self, batch, request, progress=advance, contrast=contrast)
+                         advance: Callable[[float], None] = lambda n: None,
+                         sharded: bool | None = None) -> FeatureAttributionOutput:
+        ctx = EngineContext(self, batch, request, progress=advance, contrast=contrast, sharded=sharded)
         # Called inside attribute()'s guard, with frozen weights: the forward saves only what the
         # input gradients need (a Linear no longer keeps its input for the weight's gradient),
         # which leaves memory for batching steps.

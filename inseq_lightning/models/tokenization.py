@@ -1,6 +1,9 @@
 """Turning texts into a :class:`Batch`: tokenization, baselines and the positions to attribute."""
 
+import contextlib
+import contextvars
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -48,9 +51,44 @@ class SpecialIds:
         return cls(bos=bos, eos=eos, pad=pad, unk=unk)
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos: int | None) -> list[int]:
+# Tokenizations already made inside a ``reused_tokenizations()`` block: {(tokenizer, text, flags): ids}.
+_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("inseq_lightning_tokenizations", default=None)
+
+
+@contextlib.contextmanager
+def reused_tokenizations() -> Iterator[None]:
+    """Within the block, each text is tokenized once per tokenizer and flags.
+
+    Workflows that go back and forth between texts and tokens (context attribution tokenizes the
+    same few texts over a dozen times) open one around a call; the tokenizer must not change inside
+    it. Nested blocks share the outermost one's tokenizations.
+    """
+    if _REUSED.get() is not None:
+        yield
+        return
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
+def tokenize_ids(tokenizer, text: str, add_special_tokens: bool, as_target: bool = False) -> list[int]:
+    """``tokenizer(text)["input_ids"]`` (``text_target`` when ``as_target``), reused inside a
+    :func:`reused_tokenizations` block."""
+    reused = _REUSED.get()
+    key = (id(tokenizer), text, add_special_tokens, as_target)
+    if reused is not None and key in reused:
+        return list(reused[key])
     kwargs = {"text_target": text} if as_target else {"text": text}
     ids = list(tokenizer(**kwargs, add_special_tokens=add_special_tokens)["input_ids"])
+    if reused is not None:
+        reused[key] = tuple(ids)
+    return ids
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool, as_target: bool, bos: int | None) -> list[int]:
+    ids = tokenize_ids(tokenizer, text, add_special_tokens, as_target)
     # Chat templates put a BOS in the text and the tokenizer adds another: keep one (inseq's fix).
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
         ids = ids[1:]
