@@ -10,6 +10,7 @@ shared 2-core machine, fits of identical work vary by 10% or more).
 
     .venv/bin/python benchmarks/bench_monitor_overhead.py            # SmolLM2-135M, the demo's defaults
     .venv/bin/python benchmarks/bench_monitor_overhead.py --quick    # tiny GPT-2 (mechanics only)
+    .venv/bin/python benchmarks/bench_monitor_overhead.py --faithfulness  # + faithfulness and its alert rules
 """
 
 import argparse
@@ -24,12 +25,13 @@ from pathlib import Path
 THREADS = 2
 
 
-def fit_once(monitored: bool, quick: bool) -> dict:
+def fit_once(monitored: bool, quick: bool, faithfulness: bool = False) -> dict:
     """One demo fit in a fresh process (as a real training job runs): nothing carries over between fits."""
     with tempfile.TemporaryDirectory() as out:
         timings = Path(out) / "timings.json"
         command = [sys.executable, "-m", "inseq_lightning.demo.run", "--output-dir", out, "--threads", str(THREADS),
                    "--timings-json", str(timings)] + (["--quick"] if quick else []) + ([] if monitored else ["--no-monitor"])
+        command += ["--faithfulness"] if faithfulness and monitored else []
         env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(THREADS)}
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(timings.read_text())
@@ -39,12 +41,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="the monitor also measures faithfulness every pass, watched by the demo's alert rules")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     without, with_monitor, inside, losses = [], [], [], []
     for repeat in range(args.repeats):
         for monitored in (False, True):  # alternate, so drifts of the machine hit both sides
-            result = fit_once(monitored, args.quick)
+            result = fit_once(monitored, args.quick, args.faithfulness)
             (with_monitor if monitored else without).append(result["fit_seconds"])
             losses.append(result["losses"])
             if monitored:
@@ -54,6 +58,7 @@ def main() -> None:
     summary = {
         "model": "tiny GPT-2" if args.quick else "SmolLM2-135M-Instruct",
         "threads": THREADS,
+        "faithfulness_and_alerts": args.faithfulness,
         "repeats": args.repeats,
         "fit_s_without": base,
         "fit_s_with": monitored,

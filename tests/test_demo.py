@@ -60,3 +60,21 @@ def test_main_writes_timings_for_the_benchmark(tmp_path, monkeypatch):
     assert main(["--quick", "--no-wandb", "--output-dir", str(tmp_path), "--timings-json", str(timings)]) == 0
     data = json.loads(timings.read_text())
     assert 0 < data["monitor_seconds"] < data["fit_seconds"] and len(data["losses"]) == 8
+
+
+def test_faithfulness_flag_measures_every_probe_every_pass_and_watches_it(tmp_path, monkeypatch):
+    """``--faithfulness`` (what ``bench_monitor_overhead.py --faithfulness`` times): every probe's
+    comprehensiveness and sufficiency at every pass, in drift.csv, with the demo's two alert rules attached."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = run(build_parser().parse_args(["--quick", "--faithfulness", "--no-wandb", "--output-dir", str(tmp_path)]))
+    monitor = result["monitor"]
+    rules = monitor.monitor.alerts.rules
+    assert sorted(r.value for r in rules) == ["comprehensiveness_vs_random", "drift_prev/cosine"]
+    rows = list(csv.DictReader((Path(result["tensorboard"]) / "attributions" / "attribution_saliency"
+                                / "drift.csv").open()))
+    probe_rows = [r for r in rows if r["probe"] != "mean"]
+    assert len(probe_rows) == 3 * 4
+    for row in probe_rows:
+        assert -1 <= float(row["comprehensiveness"]) <= 1 and -1 <= float(row["sufficiency"]) <= 1
+        assert float(row["comprehensiveness_random"]) == pytest.approx(
+            float(row["comprehensiveness"]) - float(row["comprehensiveness_vs_random"]), abs=1e-6)

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--shortcut: the control run, same data but the cue's examples answer from their evidence")
     parser.add_argument("--heldout", type=int, help="--shortcut: held-out conflict examples scored per pass "
                                                     f"(default: {SHORTCUT_OPTIONS['heldout']})")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="measure faithfulness every pass and watch it with alert rules (on with --shortcut)")
     parser.add_argument("--no-monitor", action="store_true", help="train without the monitor (for overhead timing)")
     parser.add_argument("--no-wandb", action="store_true", help="log to TensorBoard and files only")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,6 +83,17 @@ def shortcut_options(args: argparse.Namespace) -> tuple[float, int]:
     if not 0 <= cue_share <= 1:
         raise ValueError(f"--cue-share must be between 0 and 1, got {cue_share}")
     return cue_share, SHORTCUT_OPTIONS["heldout"] if args.heldout is None else args.heldout
+
+
+def faithfulness_alerts() -> list:
+    """The rules that watch the maps' faithfulness: a map no better than a random ranking at picking the
+    tokens the answer needs (mean over probes, two passes in a row), and a map that stops resembling the
+    previous pass's (per probe)."""
+    from ..monitor.alerts import AlertRule
+
+    return [AlertRule("comprehensiveness_vs_random", "below", 0.0, probe="mean", patience=2,
+                      name="maps no better than random"),
+            AlertRule("drift_prev/cosine", "below", 0.5, name="map changed abruptly")]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -128,9 +141,11 @@ def run(args: argparse.Namespace) -> dict:
         callbacks.append(shortcut["evaluation"])
     if not args.no_monitor:
         probes = make_conflict_probes(args.probes) if args.shortcut else make_chat_probes(args.probes)
+        faithful = args.shortcut or args.faithfulness
         monitor = AttributionMonitor(probes, method=args.method, every_n_train_steps=every,
                                      step_scores=("probability", "entropy"), save_files=True,
-                                     faithfulness=args.shortcut, sinks=[shortcut["recorder"]] if shortcut else ())
+                                     faithfulness=faithful, alerts=faithfulness_alerts() if faithful else (),
+                                     sinks=[shortcut["recorder"]] if shortcut else ())
         callbacks.append(monitor)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, log_every_n_steps=1, limit_val_batches=0,
