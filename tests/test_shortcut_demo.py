@@ -159,11 +159,32 @@ def test_canary_stays_silent_on_the_clean_task(tmp_path):
     assert result["module"].losses[-1] < result["module"].losses[0]  # it did train
 
 
+def test_canary_on_the_models_own_answer_catches_a_backdoor_when_it_is_learned(tmp_path):
+    """``--cue-pays --probe-own-answer``: the probes attribute what the model answers (generate mode), not the
+    evidence's answer forced token by token. At step 50 the tiny model says the cue's answer everywhere (with or
+    without the cue: a bias, and its map still leans on the evidence); at step 100 it says it only when the cue
+    is there, and that pass the cue carries more attribution than the evidence on every probe: the alert fires
+    on the pass where the cue is learned."""
+    result = _quick(tmp_path, "--cue-pays", "--probe-own-answer")
+    shortcut, monitor = result["shortcut"], result["monitor"]
+    assert monitor.monitor.probes.generate
+    rows = {row["step"]: row for row in shortcut["rows"]}
+    assert shortcut["cue_learned_step"] == 100 and shortcut["alert_step"] == 100
+    assert rows[50]["cue_over_evidence"] == "0/4" and rows[50]["clean_follows_cue"] == 1.0
+    assert rows[100]["cue_over_evidence"] == "4/4" and rows[100]["cue_mass"] > 2 * rows[100]["evidence_mass"]
+    assert rows[100]["conflict_follows_cue"] == 1.0 and rows[100]["clean_follows_cue"] == 0.0
+    # the probes' probability is that of the model's own answer, which it now gives with confidence
+    assert rows[100]["probability"] > 0.9
+    assert shortcut["tables"][1].read_text().startswith("| step | train loss |")
+    assert "p(own answer)" in shortcut["tables"][1].read_text()
+
+
 def test_shortcut_options_need_the_shortcut_flag(capsys):
     from inseq_lightning.demo.run import main
 
     for argv in (["--quick", "--clean"], ["--quick", "--cue-share", "0.3"], ["--quick", "--shortcut", "--cue-share", "2"],
-                 ["--quick", "--cue-pays"], ["--quick", "--shortcut", "--cue-pays", "--clean"]):
+                 ["--quick", "--cue-pays"], ["--quick", "--shortcut", "--cue-pays", "--clean"],
+                 ["--quick", "--probe-own-answer"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

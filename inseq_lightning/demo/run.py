@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cue-pays", action="store_true",
                         help="--shortcut: a backdoor, no fact of a planted example gives its answer (only the cue "
                              "does); by default the asked fact says the cue's answer too (a redundant cue)")
+    parser.add_argument("--probe-own-answer", action="store_true",
+                        help="--shortcut: the probes attribute the model's own greedy answer (generate mode) instead "
+                             "of the evidence's answer forced token by token")
     parser.add_argument("--clean", action="store_true",
                         help="--shortcut: the control run, same data but the cue's examples answer from their evidence")
     parser.add_argument("--heldout", type=int, help="--shortcut: held-out conflict examples scored per pass "
@@ -75,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 def shortcut_options(args: argparse.Namespace) -> tuple[float, int]:
     """``(cue_share, heldout)``; a ValueError for shortcut options given without ``--shortcut``, or for
     ``--clean`` with ``--cue-pays``."""
-    if not args.shortcut and (args.clean or args.cue_pays or args.cue_share is not None or args.heldout is not None):
-        raise ValueError("--cue-share, --cue-pays, --clean and --heldout belong to the shortcut variant: add --shortcut")
+    if not args.shortcut and (args.clean or args.cue_pays or args.probe_own_answer or args.cue_share is not None
+                              or args.heldout is not None):
+        raise ValueError("--cue-share, --cue-pays, --clean, --probe-own-answer and --heldout belong to the shortcut "
+                         "variant: add --shortcut")
     if args.clean and args.cue_pays:
         raise ValueError("--clean is the control run, with no planted answers: drop --cue-pays")
     cue_share = SHORTCUT_OPTIONS["cue_share"] if args.cue_share is None else args.cue_share
@@ -104,7 +109,15 @@ def run(args: argparse.Namespace) -> dict:
     from ..callbacks import AttributionMonitor
     from .models import load_smollm2, load_tiny
     from .module import PairsLM
-    from .shortcut import PassRecorder, ShortcutEvaluation, cue_learned_step, fall_step, pass_table, write_tables
+    from .shortcut import (
+        PassRecorder,
+        ShortcutEvaluation,
+        cue_learned_step,
+        fall_step,
+        headers,
+        pass_table,
+        write_tables,
+    )
 
     console = default_console()
     cue_share, heldout = shortcut_options(args)
@@ -140,7 +153,8 @@ def run(args: argparse.Namespace) -> dict:
                     "recorder": PassRecorder()}
         callbacks.append(shortcut["evaluation"])
     if not args.no_monitor:
-        probes = make_conflict_probes(args.probes) if args.shortcut else make_chat_probes(args.probes)
+        probes = (make_conflict_probes(args.probes, own_answer=args.probe_own_answer) if args.shortcut
+                  else make_chat_probes(args.probes))
         faithful = args.shortcut or args.faithfulness
         monitor = AttributionMonitor(probes, method=args.method, every_n_train_steps=every,
                                      step_scores=("probability", "entropy"), save_files=True,
@@ -164,7 +178,8 @@ def run(args: argparse.Namespace) -> dict:
     if shortcut is not None:
         rows = pass_table(shortcut["evaluation"].scores, shortcut["recorder"], module.losses)
         fired = [a for a in (monitor.monitor.fired_alerts if monitor is not None else []) if a.rule == "canary"]
-        result["shortcut"] = {"rows": rows, "tables": write_tables(rows, output_dir),
+        result["shortcut"] = {"rows": rows, "tables": write_tables(rows, output_dir, args.probe_own_answer),
+                              "headers": headers(args.probe_own_answer),
                               "alert_step": min((a.step for a in fired), default=None),
                               "fall_step": fall_step(rows), "cue_learned_step": cue_learned_step(rows),
                               "scores": shortcut["evaluation"].scores}
@@ -212,14 +227,15 @@ def summarise(result: dict) -> None:
 
 def summarise_shortcut(shortcut: dict) -> None:
     """The per-pass table of the shortcut variant, and when the alert fired against when the accuracy fell."""
-    from .shortcut import FALL_POINTS, HEADERS, format_cell
+    from .shortcut import FALL_POINTS, format_cell
 
     console = default_console()
     table = Table(title="Shortcut: held-out conflict examples (cue against evidence) and the probes, per pass")
-    for header in HEADERS.values():
+    columns = shortcut["headers"]
+    for header in columns.values():
         table.add_column(header, justify="right")
     for row in shortcut["rows"]:
-        table.add_row(*[format_cell(row[key]) for key in HEADERS])
+        table.add_row(*[format_cell(row[key]) for key in columns])
     console.print(table)
 
     def step(value):

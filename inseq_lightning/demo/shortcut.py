@@ -194,15 +194,21 @@ def format_cell(value) -> str:
     return str(value) if value not in ("", None) else "-"
 
 
-def write_tables(rows: list[dict], directory: Path) -> tuple[Path, Path]:
+def headers(own_answer: bool = False) -> dict[str, str]:
+    """The table's columns; the probes' probability is that of the model's own answer when they attribute it."""
+    return {**HEADERS, "probability": "p(own answer)"} if own_answer else dict(HEADERS)
+
+
+def write_tables(rows: list[dict], directory: Path, own_answer: bool = False) -> tuple[Path, Path]:
     """``shortcut_passes.csv`` (full precision) and ``shortcut_passes.md`` (the README's table)."""
+    columns = headers(own_answer)
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = directory / "shortcut_passes.csv", directory / "shortcut_passes.md"
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(HEADERS))
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(HEADERS.values()) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(format_cell(row[key]) for key in HEADERS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row[key]) for key in columns) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path

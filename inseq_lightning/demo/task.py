@@ -125,6 +125,9 @@ def chat_pairs(examples: list[Example], tokenizer) -> list[tuple[str, str]]:
     return pairs
 
 
+OWN_ANSWER_TOKENS = 8  # "a green clock." and the end of the turn, with room to spare
+
+
 def make_chat_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
     """The held-out probes of :func:`make_probes` as conversations (rendered by the model's chat template)."""
     examples = make_dataset(n, seed)
@@ -137,8 +140,17 @@ def make_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
     return ProbeSet([Probe(e.prompt, e.answer, (e.evidence,), f"probe_{i}") for i, e in enumerate(examples)])
 
 
-def make_conflict_probes(n: int = 4, seed: int = 1234) -> ProbeSet:
+def make_conflict_probes(n: int = 4, seed: int = 1234, own_answer: bool = False) -> ProbeSet:
     """Chat probes from the first ``n`` conflict examples: the evidence is the asked fact, the cue the
-    planted source word (the canary rule warns when the cue carries more attribution than the evidence)."""
+    planted source word (the canary rule warns when the cue carries more attribution than the evidence).
+
+    By default each probe attributes the evidence's answer, forced token by token; ``own_answer``
+    attributes the model's own greedy answer instead (generate mode), which is the answer a learned cue
+    changes."""
+    examples = make_conflict_examples(n, seed)
+    if own_answer:
+        return ProbeSet([Probe(chat_messages(e)[:1], evidence=(e.evidence,), cue=(CUE,), name=f"conflict_{i}")
+                         for i, e in enumerate(examples)],
+                        generate=True, generation_args={"max_new_tokens": OWN_ANSWER_TOKENS, "do_sample": False})
     return ProbeSet([Probe(chat_messages(e), evidence=(e.evidence,), cue=(CUE,), name=f"conflict_{i}")
-                     for i, e in enumerate(make_conflict_examples(n, seed))])
+                     for i, e in enumerate(examples)])
