@@ -236,8 +236,9 @@ def _pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Te
 
 def _attribute(arch: str, indices: list[int], method: str = "dummy", **kwargs) -> il.FeatureAttributionOutput:
     pairs = [texts(arch)[i] for i in indices]
+    kwargs = {"step_scores": ["probability"], **kwargs}
     return built(arch)[2].attribute(input_texts=[p for p, _ in pairs], generated_texts=[t for _, t in pairs],
-                                    method=method, step_scores=["probability"], show_progress=False, **kwargs)
+                                    method=method, show_progress=False, **kwargs)
 
 
 def _check_step_scores(arch: str, out: il.FeatureAttributionOutput, indices: list[int], eager: bool = False) -> None:
@@ -272,6 +273,20 @@ def _check_target_map(attr: torch.Tensor, seq) -> None:
 def test_probability_equals_the_models_own_forward(arch):
     _check_step_scores(arch, _attribute(arch, [0]), [0])
     _check_step_scores(arch, _attribute(arch, [0, 1]), [0, 1])  # right padding changes nothing
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_contrast_rows_batched_with_the_real_ones_equal_the_models_own_forward(arch):
+    """Step scores only (``dummy``) with a contrastive one run the real and the contrast rows in one right-padded
+    forward: with each target as its own contrast, ``contrast_prob`` is the model's own probability too (the
+    four rows of two pairs padded to the longest)."""
+    targets = [t for _, t in texts(arch)]
+    out = _attribute(arch, [0, 1], step_scores=["probability", "contrast_prob"], contrast_targets=targets)
+    _check_step_scores(arch, out, [0, 1])
+    for row, seq in enumerate(out.sequence_attributions):
+        expected = reference(arch, (0, 1))[row][3]
+        rel = ((seq.step_scores["contrast_prob"].double() - expected).abs() / expected.abs()).max().item()
+        assert rel <= RTOL, f"{arch} sequence {row}: contrast_prob {rel:.3e} from the model's own forward"
 
 
 @pytest.mark.parametrize("method", METHODS)
