@@ -1,10 +1,15 @@
 """Gradient methods on input embeddings: saliency, input x gradient, integrated gradients,
 DeepLIFT and GradientSHAP, each computed from one forward per batch (per integration point)."""
 
+import dataclasses
+import inspect
+
 import torch
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from captum.attr._utils.approximation_methods import approximation_parameters
 
+from ...utils.sharding import has_sharded_parameters
+from ..backward import step_gradients
 from ..engine import EngineContext, interpolation_chunks
 from .base import AttributionMethod, MethodResult, register_method
 
@@ -213,15 +218,62 @@ class GradientShap(AttributionMethod):
         return MethodResult(*ctx.split([t / n_samples for t in total]))
 
 
+def _cache_argument(model: torch.nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes a key/value cache (``cache`` in transformers 5,
+    ``past_key_values`` before), or None when it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    if "use_cache" not in parameters:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _prefix_cache(ctx: EngineContext, x: torch.Tensor, start: int, repeat: int):
+    """The key/value cache of positions ``< start`` of the real inputs ``x`` ``[B, L, D]`` (one
+    forward without gradient), its batch ``repeat`` stacked copies of the batch; None when the model
+    returns anything but a plain full-attention ``DynamicCache`` (sliding windows, recurrent states)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    kwargs = {**ctx.model.forward_defaults, "use_cache": True}
+    if ctx.model.can_skip_logits:
+        kwargs["logits_to_keep"] = 1
+    with torch.no_grad():
+        output = ctx.adapter.model(inputs_embeds=x[:, :start], attention_mask=ctx.batch.target_mask[:, :start],
+                                   **kwargs)
+    cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
+    del output
+    if (not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers)
+            or cache.get_seq_length() != start):
+        return None
+    if repeat > 1:  # rows r * B + b, as the interpolated inputs stack them
+        cache.batch_select_indices(torch.arange(x.shape[0], device=x.device).repeat(repeat))
+    return cache
+
+
 @register_method
 class SequentialIntegratedGradients(AttributionMethod):
     """Sequential integrated gradients (Enguehard, 2023; inseq's ``sequential_integrated_gradients``):
     each token's attribution integrates the gradients along a path where only that token moves from
     its baseline (UNK) embedding to its own, every other token staying as it is.
 
-    One round per input position: the ``n_steps`` interpolations of that position run as one forward
-    shared by every step (a causal model's prediction at step ``t`` only sees positions ``< t``, which
-    is what inseq's per-step prefix gives), and one per-step backward keeps the moving position's column.
+    The ``n_steps`` interpolations of a position run as one forward shared by every step (a causal
+    model's prediction at step ``t`` only sees positions ``< t``, which is what inseq's per-step
+    prefix gives), and one per-step backward keeps the moving position's column.
+
+    On decoder-only models that return a plain key/value cache (``prefix_cache``), the positions
+    before the moving one are the real inputs in every interpolated row: their keys and values come
+    from one forward without gradient over that prefix (expanded to the rows), and only the positions
+    from the first moving one on run with the interpolated inputs and are differentiated. That part
+    runs in segments of ``steps_per_segment`` predicting positions, each segment a forward on the
+    cache the segments before it filled (with their gradients), so that a step's backward runs
+    through the positions up to its own segment only, and skips the steps no moving position
+    reaches. The gradient flows to the moving position only (the other positions are detached), so
+    the rows of every position and point are weighted and summed as each backward comes
+    (``[B, L', steps, D]``, never per row). A forward holds as many positions' points as keep its
+    activations within half the memory budget (at least one position's, or ``internal_batch_size``
+    rows). Encoder-decoders (a bidirectional encoder) and models whose cache is anything else
+    (sliding windows, recurrent states) run whole sequences in every forward.
 
     Args:
         ctx: the engine context of one batch.
@@ -229,6 +281,10 @@ class SequentialIntegratedGradients(AttributionMethod):
         method: captum's approximation method (``gausslegendre`` by default).
         internal_batch_size: rows per forward (points x sequences); None runs all points of a position at once.
         multiply_by_inputs: multiply by ``input - baseline`` at the moving position.
+        prefix_cache: compute the unchanged prefix once without gradient where the model allows it;
+            False always runs whole sequences (same numbers, within float rounding).
+        steps_per_segment: predicting positions per segment of the cached path: fewer run less of
+            the backward, more make fewer (per-call overhead) forwards and backwards.
     """
 
     name = "sequential_integrated_gradients"
@@ -240,9 +296,142 @@ class SequentialIntegratedGradients(AttributionMethod):
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         multiply_by_inputs: bool = True,
+        prefix_cache: bool = True,
+        steps_per_segment: int = 4,
         **kwargs,
     ) -> MethodResult:
+        from ...models.architectures import ArchitectureAdapter  # here: the models package imports the methods
+
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
+        # The cached path runs the model itself, as the decoder-only adapter does (an adapter with
+        # its own forward keeps it), and a number of forwards that depends on the batch's steps
+        # (sharded ranks must run the same collectives: they keep whole sequences).
+        plain_forward = type(ctx.adapter).forward_embeddings is ArchitectureAdapter.forward_embeddings
+        if (prefix_cache and plain_forward and not ctx.adapter.is_encoder_decoder and len(inputs) == 1
+                and not has_sharded_parameters(ctx.model.model)):
+            cache_argument = _cache_argument(ctx.adapter.model)
+            if cache_argument is not None and _prefix_cache(ctx, inputs[0], 1, 1) is not None:
+                return self._attribute_cached(ctx, inputs[0], baselines[0], cache_argument, n_steps, method,
+                                              internal_batch_size, multiply_by_inputs, max(1, int(steps_per_segment)))
+        return self._attribute_whole(ctx, inputs, baselines, n_steps, method, internal_batch_size, multiply_by_inputs)
+
+    @staticmethod
+    def _attribute_cached(ctx: EngineContext, x: torch.Tensor, b: torch.Tensor, cache_argument: str, n_steps: int,
+                          method: str, internal_batch_size: int | None, multiply_by_inputs: bool,
+                          steps_per_segment: int) -> MethodResult:
+        """Decoder-only: each forward runs positions ``start..`` with the prefix ``< start`` cached,
+        every row moving one position ``>= start``, in segments (see the class docstring)."""
+        step_sizes_fn, alphas_fn = approximation_parameters(method)
+        step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
+        batch, length = x.shape[0], x.shape[1]
+        model, config = ctx.adapter.model, ctx.model.model.config
+        # Activations per row and position of the forward: what the backward's estimate counts per
+        # step, plus the output layer's logits.
+        per_token = (ctx.layout.hidden_size * max(ctx.layout.num_layers, 1) * 24
+                     + (getattr(config, "vocab_size", 0) or 0)) * max(x.element_size(), 4)
+        forward_budget = ctx.memory_budget_bytes // 2
+        # The position that predicts each step (-1: padding step). Positions from the last of them
+        # on are seen by no step: their gradients are zero (as in a whole forward) and are not run.
+        predicting = (ctx.positions - 1).masked_fill(~ctx.valid, -1)  # [B, N]
+        host = [[p - 1 for p in positions] for positions in ctx.batch.step_positions]
+        end = max((max(q) + 1 for q in host if q), default=0)
+        groups = []  # (start, [(position, alpha indices)])
+        position = 0
+        # All points of a position in one forward (as inseq), unless ``internal_batch_size`` says fewer.
+        points = n_steps if internal_batch_size is None else max(1, min(n_steps, internal_batch_size // batch))
+        while position < end:
+            if points < n_steps:  # one position, its points in chunks
+                groups += [(position, [(position, range(s, min(s + points, n_steps)))])
+                           for s in range(0, n_steps, points)]
+                position += 1
+                continue
+            rows_cap = forward_budget // max((end - position) * per_token, 1)
+            if internal_batch_size is not None:
+                rows_cap = min(rows_cap, internal_batch_size)
+            k = max(1, min(rows_cap // (n_steps * batch), end - position))
+            groups.append((position, [(p, range(n_steps)) for p in range(position, position + k)]))
+            position += k
+        ctx.gradient_passes = max(len(groups), 1)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        total = x.new_zeros(batch, length, ctx.num_steps, x.shape[2], dtype=dtype)
+        mask = ctx.batch.target_mask
+        forward_kwargs = {**ctx.model.forward_defaults, "use_cache": True}
+        for start, items in groups:
+            repeat = sum(len(points) for _, points in items)
+            rows = repeat * batch
+            # Segments end after every ``steps_per_segment`` distinct predicting positions: a step's
+            # backward runs through the segments up to its own only.
+            seen = sorted({q for qs in host for q in qs if q >= start})
+            ends = [q + 1 for q in seen[steps_per_segment - 1 :: steps_per_segment]]
+            if not ends or ends[-1] != seen[-1] + 1:
+                ends.append(seen[-1] + 1)
+            stop = ends[-1]
+            scaled = x[:, start:stop].unsqueeze(0).repeat(repeat, 1, 1, 1)  # [R, B, L', D]
+            moving = torch.zeros(repeat, 1, stop - start, 1, dtype=torch.bool, device=x.device)
+            weights = []
+            r = 0
+            for p, points in items:
+                for a in points:
+                    scaled[r, :, p - start] = b[:, p] + alphas[a] * (x[:, p] - b[:, p])
+                    moving[r, :, p - start] = True
+                    weights.append(step_sizes[a])
+                    r += 1
+            scaled = scaled.view(rows, stop - start, -1).requires_grad_(True)
+            moving = moving.expand(repeat, batch, stop - start, 1).reshape(rows, stop - start, 1)
+            row_weights = torch.tensor(weights, dtype=dtype, device=x.device).repeat_interleave(batch).view(-1, 1, 1)
+            cache = _prefix_cache(ctx, x, start, repeat) if start > 0 else None
+            segment_start = start
+            for i, segment_end in enumerate(ends):
+                # Only the moving position carries the gradient: the rows of different positions
+                # then sum into different columns.
+                window = slice(segment_start - start, segment_end - start)
+                segment = torch.where(moving[:, window], scaled[:, window], scaled[:, window].detach())
+                in_segment = (predicting >= segment_start) & (predicting < segment_end)  # [B, N]
+                kwargs = dict(forward_kwargs)
+                if cache is not None:
+                    kwargs[cache_argument] = cache
+                if ctx.model.can_skip_logits:
+                    kwargs["logits_to_keep"] = segment_end - max(segment_start, int(predicting[in_segment].min()))
+                with ctx._head.recording():  # the output projection's input: the backward's split point
+                    output = model(inputs_embeds=segment, attention_mask=mask[:, :segment_end].repeat(repeat, 1),
+                                   **kwargs)
+                if cache is None:
+                    cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
+                logits = output.logits
+                del output, segment
+                # [rows, N, V]: the logits that predict each step, read from this segment's kept
+                # positions (steps outside the segment read some other row: their scores are zeroed)
+                offset = segment_end - logits.shape[1]
+                index = (ctx.positions - 1 - offset).clamp(0, logits.shape[1] - 1).repeat(repeat, 1)
+                step_logits = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+                del logits
+                scores = ctx.scorer.scores(step_logits)
+                del step_logits
+                steps = in_segment.any(0).nonzero().squeeze(1)
+                scores = torch.where(in_segment.repeat(repeat, 1), scores, torch.zeros_like(scores))[:, steps]
+                layout = dataclasses.replace(ctx.layout, positions=ctx.positions[:, steps],
+                                             valid=in_segment[:, steps], target_length=segment_end)
+                head = ctx._head.split_point(rows, segment_end)
+                ctx._head.inputs = []
+                last = i == len(ends) - 1
+                (grads,) = step_gradients(ctx.request.backward, layout, ctx.memory_budget_bytes, scores, [scaled],
+                                          head, retain_graph=not last, row_weights=[row_weights])  # [B, L', n, D]
+                del scores, head
+                for p in dict.fromkeys(p for p, _ in items):
+                    total[:, p, steps] += grads[:, p - start]
+                del grads
+                segment_start = segment_end
+            del cache, scaled
+            ctx.report_steps_done(range(ctx.num_steps))
+        results = total.to(x.dtype)
+        if multiply_by_inputs:
+            results = results * (x - b).unsqueeze(2)
+        return MethodResult(*ctx.split([results]))
+
+    @staticmethod
+    def _attribute_whole(ctx: EngineContext, inputs: list[torch.Tensor], baselines: list[torch.Tensor], n_steps: int,
+                         method: str, internal_batch_size: int | None, multiply_by_inputs: bool) -> MethodResult:
+        """Whole sequences in every forward (encoder-decoders, models without a plain cache)."""
         batch = ctx.batch.size
         step_sizes_fn, alphas_fn = approximation_parameters(method)
         step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
