@@ -6,7 +6,7 @@ Two steps, for decoder-only and encoder-decoder models, with input and/or output
    step function (``kl_divergence`` by default) between the model's prediction without context (the
    attributed side) and with it (the contrast side); tokens whose |score| is at least the mean plus
    ``context_sensitivity_std_threshold`` standard deviations are context-sensitive. Here that is one
-   ``dummy`` attribution: one forward per condition for all tokens (inseq: two forwards per token).
+   ``dummy`` attribution: one forward of both conditions' rows for all tokens (inseq: two forwards per token).
 2. **Contextual cues imputation (CCI).** The prediction of each context-sensitive token is attributed to the
    context tokens (``attribution_method``, ``attributed_fn``; a contrastive function compares it with the
    contextless prediction). Here every token's attribution comes from one batched call (two when some need
