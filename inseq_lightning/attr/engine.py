@@ -47,6 +47,8 @@ class EngineContext:
     Attributes:
         adapter: the model's architecture adapter.
         scorer: the batch's :class:`~inseq_lightning.attr.step_scorer.StepScorer`.
+        head_recorder: records the output layer's input during a forward (the point where the
+            per-step backward splits); methods that run their own forwards record with it.
         gradient_passes: forward + per-step backward rounds the method runs over all steps
             (integration chunks for integrated gradients), so that each round counts its share of progress.
     """
@@ -67,7 +69,7 @@ class EngineContext:
         self.positions, self.valid = self.scorer.positions, self.scorer.valid
         self._decoder_embeds = None
         sharded = has_sharded_parameters(self.model.model) if self.sharded is None else self.sharded
-        self._head = HeadRecorder(self.model.model, enabled=not sharded)
+        self.head_recorder = HeadRecorder(self.model.model, enabled=not sharded)
         budget = self.request.memory_budget_bytes
         if budget is None:
             budget = SHARDED_MEMORY_BUDGET_BYTES if sharded else self.model.default_memory_budget
@@ -150,14 +152,14 @@ class EngineContext:
     def forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
         possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
-        with self._head.recording():
+        with self.head_recorder.recording():
             return self.adapter.forward_embeddings(self.batch, inputs, self.decoder_embeddings, repeat,
                                                    **{**self._forward_kwargs, **kwargs})
 
     def forward_ids_with_layer(self, layer_output: torch.Tensor, repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model from token ids, replacing the embedding layer's output (the one that
         embeds the attributed side) with ``layer_output``."""
-        with self._head.recording():
+        with self.head_recorder.recording():
             return self.adapter.forward_ids_with_layer(self.batch, layer_output, self.decoder_embeddings, repeat,
                                                        **{**self._forward_kwargs, **kwargs})
 
@@ -179,12 +181,12 @@ class EngineContext:
         """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input
         (``[B, L, N, ...]`` weighted sums over the stacked copies with ``row_weights``); see
         :func:`~inseq_lightning.attr.backward.step_gradients`."""
-        head = self._head.split_point(scores.shape[0], self.layout.target_length)
+        head = self.head_recorder.split_point(scores.shape[0], self.layout.target_length)
         try:
             return step_gradients(self.request.backward, self.layout, self.memory_budget_bytes, scores, inputs, head,
                                   retain_graph, row_weights, self.report_steps_done)
         finally:
-            self._head.inputs = []
+            self.head_recorder.inputs = []
 
 
 def interpolation_chunks(n_points: int, batch_size: int, internal_batch_size: int | None) -> list[range]:

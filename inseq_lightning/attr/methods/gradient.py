@@ -392,7 +392,7 @@ class SequentialIntegratedGradients(AttributionMethod):
                     kwargs[cache_argument] = cache
                 if ctx.model.can_skip_logits:
                     kwargs["logits_to_keep"] = segment_end - max(segment_start, int(predicting[in_segment].min()))
-                with ctx._head.recording():  # the output projection's input: the backward's split point
+                with ctx.head_recorder.recording():  # the output projection's input: the backward's split point
                     output = model(inputs_embeds=segment, attention_mask=mask[:, :segment_end].repeat(repeat, 1),
                                    **kwargs)
                 if cache is None:
@@ -411,8 +411,8 @@ class SequentialIntegratedGradients(AttributionMethod):
                 scores = torch.where(in_segment.repeat(repeat, 1), scores, torch.zeros_like(scores))[:, steps]
                 layout = dataclasses.replace(ctx.layout, positions=ctx.positions[:, steps],
                                              valid=in_segment[:, steps], target_length=segment_end)
-                head = ctx._head.split_point(rows, segment_end)
-                ctx._head.inputs = []
+                head = ctx.head_recorder.split_point(rows, segment_end)
+                ctx.head_recorder.inputs = []
                 last = i == len(ends) - 1
                 (grads,) = step_gradients(ctx.request.backward, layout, ctx.memory_budget_bytes, scores, [scaled],
                                           head, retain_graph=not last, row_weights=[row_weights])  # [B, L', n, D]
