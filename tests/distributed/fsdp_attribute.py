@@ -14,6 +14,7 @@ warnings.filterwarnings("ignore")
 
 import torch
 import torch.distributed as dist
+from leave import leave_together
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -46,5 +47,4 @@ if dist.get_rank() == 0:
     (out / "reports.json").write_text(json.dumps({"reports": reports, "world_size": dist.get_world_size()}))
 else:
     assert reports == [None, None]
-dist.barrier()
-dist.destroy_process_group()
+leave_together()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch.distributed as dist
+from leave import leave_together
 from transformers import Trainer, TrainingArguments, set_seed
 
 from inseq_lightning.callbacks import AttributionCallback
@@ -36,7 +36,4 @@ if trainer.is_world_process_zero():
                                                   "world_size": trainer.args.world_size}))
 else:
     assert callback.reports == [], "only rank zero gets reports"
-# Leave together: a rank that exits while its peer still holds the gloo group can abort it
-# ("terminate called without an active exception") on a loaded machine.
-dist.barrier()
-dist.destroy_process_group()
+leave_together()

@@ -11,6 +11,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 import torch.distributed as dist
+from leave import leave_together
 
 from inseq_lightning.demo.task import make_probes
 from inseq_lightning.monitor import MonitoringError, Probe, ProbeMonitor
@@ -40,5 +41,4 @@ try:  # sinks only run on rank zero, after the other ranks have handed over thei
 except MonitoringError as error:
     seen = f"MonitoringError: {error}"
 (out / f"sink_rank_{dist.get_rank()}.txt").write_text(seen)
-dist.barrier()
-dist.destroy_process_group()
+leave_together()
