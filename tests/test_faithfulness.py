@@ -151,18 +151,46 @@ def test_per_step_ranking_ranks_each_attributed_token_by_its_own_column():
     assert steps.values["soft_comprehensiveness"] == pytest.approx(float((w1 @ c + w2 @ c) / 2), abs=1e-6)
 
 
-def test_one_batched_forward_per_fraction_and_one_for_the_unmasked_and_soft_rows():
+def test_all_masked_rows_of_a_probe_run_in_one_batched_forward_unless_the_budget_splits_them():
     wrapper = _wrapper([0.4, 0.3, 0.15, 0.05], p0=0.05)
     rows = []
     wrapper.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]),
                                             with_kwargs=True)
     seq = _sequence(CONTEXT[:4], [0.1, 0.4, 0.2, 0.3], steps=3)
     measured = probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5))
-    # unmasked + soft comprehensiveness + soft sufficiency; then per fraction: ranked and random, remove and keep
-    assert rows == [3, 4, 4] and measured.forwards == 3
+    # unmasked + soft comprehensiveness + soft sufficiency; per fraction: ranked and random, remove and keep
+    assert rows == [3 + 4 * 2] and measured.forwards == 1
     rows.clear()
-    probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), ranking="per_step")
-    assert rows == [1 + 2 * 3, 4 * 3, 4 * 3]  # one row per attributed token, still one forward each
+    per_step = probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), ranking="per_step")
+    assert rows == [1 + 2 * 3 + 4 * 3 * 2]  # one row per attributed token and mask
+    rows.clear()
+    # the caller's unmasked probabilities save a row and give the same numbers
+    given = probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), probabilities=[measured.probability] * 3)
+    assert rows == [2 + 4 * 2] and given.values == pytest.approx(measured.values, abs=1e-7)
+    rows.clear()
+    # probabilities of another length are not this sequence's: computed instead
+    probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), probabilities=[0.5, 0.5])
+    assert rows == [3 + 4 * 2]
+    rows.clear()
+    # a budget of one row splits the forward row by row, with the same numbers
+    split = probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), ranking="per_step", memory_budget_bytes=1)
+    assert rows == [1] * 31 and split.forwards == 31
+    assert split.values == pytest.approx(per_step.values, abs=1e-7)
+
+
+def test_candidates_restrict_what_is_removed_and_what_the_fractions_count():
+    """Position 0 carries the answer but is not a candidate (a template token, say): it is never
+    removed, so the ranked masks over positions 1-3 remove nothing that matters."""
+    wrapper = _wrapper([0.6, 0.0, 0.0, 0.0], p0=0.1)
+    seq = _sequence(CONTEXT[:4], [1.0, 0.5, 0.2, 0.1])
+    everything = probe_faithfulness(wrapper, seq, fractions=(0.25,))
+    assert everything.values["comprehensiveness"] == pytest.approx(0.6, abs=1e-6) and everything.removed == {0.25: 1}
+    content = probe_faithfulness(wrapper, seq, fractions=(0.25, 0.5), candidates=[1, 2, 3])
+    assert content.removed == {0.25: 1, 0.5: 2}  # of three candidates, rounded up
+    assert content.values["comprehensiveness"] == pytest.approx(0.0, abs=1e-6)
+    assert content.values["comprehensiveness_random"] == pytest.approx(0.0, abs=1e-6)
+    # position 0 stays in every sufficiency row too: keeping the top candidates keeps the answer
+    assert content.values["sufficiency"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_random_baseline_is_seeded_per_probe_and_pass_and_reads_the_same_masks():
@@ -310,7 +338,8 @@ def test_monitor_logs_cue_mass_plausibility_and_faithfulness(hf_models, tmp_path
     wrapper = AttributionModel(model, tok)
     measured = probe_faithfulness(wrapper, first.output.sequence_attributions[0], seed=faithfulness_seed("probe_0", 0))
     assert measured.probability == pytest.approx(first.step_scores["probability"], rel=1e-5)
-    assert measured.values == pytest.approx(first.faithfulness)
+    # (the monitor reuses that step score for the unmasked row; here it is computed: float rounding apart)
+    assert measured.values == pytest.approx(first.faithfulness, rel=1e-4, abs=1e-8)
 
 
 @pytest.mark.parametrize("name", ["llama", "marian"])
@@ -334,7 +363,7 @@ def test_generate_mode_measures_the_generated_ids(hf_models):
     assert all(math.isfinite(result.faithfulness[n]) for n in FAITHFULNESS_VALUES)
 
 
-def test_faithfulness_is_off_by_default_and_costs_four_forwards_per_probe_when_on(hf_models):
+def test_faithfulness_is_off_by_default_and_costs_one_forward_per_probe_when_on(hf_models):
     model, tok = hf_models["gpt2"]
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -346,7 +375,8 @@ def test_faithfulness_is_off_by_default_and_costs_four_forwards_per_probe_when_o
         report = off.run(model, tok, step=0)
     finally:
         handle.remove()
-    assert with_faithfulness - len(calls) == 4  # three fractions + the unmasked/soft forward
+    # every masked row in one forward; the unmasked probabilities are the attribution's step scores
+    assert with_faithfulness - len(calls) == 1
     assert not set(FAITHFULNESS_VALUES) & set(off.value_names) and not report.results[0].faithfulness
     with pytest.raises(ValueError, match="ranking"):
         ProbeMonitor([Probe("a", " b")], faithfulness_ranking="nope")

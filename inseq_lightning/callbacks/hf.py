@@ -66,9 +66,10 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
         faithfulness: measure comprehensiveness and sufficiency of every probe's map each pass (AOPC over
             ``faithfulness_fractions``, soft variants, a random-ranking baseline; docs/monitoring.md).
-            Off by default: on CPU it costs 1-3x the pass itself.
+            Off by default: on CPU it costs about as much as the attribution itself (docs/monitoring.md).
         faithfulness_fractions: shares of the context removed/kept.
         faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
+        faithfulness_scope: ``"content"`` (a chat probe's template tokens are never removed) or ``"context"``.
         alerts: :class:`~inseq_lightning.monitor.alerts.AlertRule` objects checked after every training
             pass (below/above a threshold, change against the first or previous pass, with patience);
             a rule with ``stop_training=True`` sets ``control.should_training_stop`` when it fires.
@@ -116,6 +117,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         faithfulness: bool = False,
         faithfulness_fractions: Sequence[float] = (0.1, 0.2, 0.5),
         faithfulness_ranking: str = "aggregated",
+        faithfulness_scope: str = "content",
         alerts: Sequence = (),
         canary_alert: bool = True,
         stabilization_metric: str = "cosine",
@@ -128,7 +130,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         probe_set = ProbeSet.coerce(probes)
         log_options = {"log_text": log_text, "log_figures": log_figures, "log_html": log_html, "log_table": log_table}
         faithfulness_options = {"faithfulness": faithfulness, "faithfulness_fractions": tuple(faithfulness_fractions),
-                            "faithfulness_ranking": faithfulness_ranking}
+                            "faithfulness_ranking": faithfulness_ranking, "faithfulness_scope": faithfulness_scope}
         alert_options = {"alerts": [AlertRule.coerce(rule) for rule in alerts], "canary_alert": canary_alert,
                          "stabilization_metric": stabilization_metric,
                          "stabilization_tolerance": float(stabilization_tolerance)}

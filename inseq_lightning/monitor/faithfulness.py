@@ -21,9 +21,17 @@ do not shift. Only context tokens (the prompt, or an encoder-decoder's source) a
 the attributed tokens; a context token whose baseline is itself (an EOS) cannot be removed and is
 left out of the rankings.
 
-Cost: every probability of a probe comes from teacher-forced forwards over its whole sequence,
-one batched forward per fraction (the comprehensiveness, sufficiency and their two random rows;
-``N`` rows each with a per-step ranking) and one for the unmasked and soft rows.
+Which context tokens may be removed: every one by default; the monitor passes a chat probe's message
+content only (``faithfulness_scope="content"``), so that the template's role headers, default
+system prompt and end-of-turn markers stay as the model was trained to see them, and the fractions
+count the words a user wrote.
+
+Cost: every probability of a probe comes from one teacher-forced, batched forward of all its masked
+rows (the unmasked row, the two soft rows, and per fraction the comprehensiveness, sufficiency and
+their two random rows: 15 at the defaults, 14 when the caller has the unmasked probabilities; ``N``
+rows per mask with a per-step ranking), split only when the rows exceed the memory budget. On a
+decoder-only model with a plain key/value cache the positions before the first one any row changes
+(a chat template's system prompt and role header) run once, for one row, and the rows run the rest.
 """
 
 import math
@@ -38,12 +46,15 @@ from ..data.outputs import FeatureAttributionSequenceOutput
 from ..models.attribution_model import AttributionModel
 from ..models.batch import Batch
 from ..models.tokenization import baseline_ids
+from ..utils.kv_cache import cache_argument, expanded, prefix_cache
 from ..utils.model_state import preserve_model_state
+from ..utils.sharding import has_sharded_parameters
 from .drift import AttributionMap
 from .values import FAITHFULNESS_VALUES
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.5)
 RANKINGS = ("aggregated", "per_step")
+SCOPES = ("content", "context")
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
@@ -58,6 +69,12 @@ def check_ranking(ranking: str) -> str:
     if ranking not in RANKINGS:
         raise ValueError(f"faithfulness_ranking must be one of {RANKINGS}, got {ranking!r}")
     return ranking
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"faithfulness_scope must be one of {SCOPES}, got {scope!r}")
+    return scope
 
 
 def removal_count(fraction: float, candidates: int) -> int:
@@ -119,11 +136,40 @@ def _probe_batch(wrapper: AttributionModel, seq: FeatureAttributionSequenceOutpu
     )
 
 
+class PrefixCaches:
+    """Key/value caches of unchanged prefixes, shared by the probes of one monitoring pass (chat probes
+    rendered with one template start with the same system prompt). Keyed by the prefix's token ids;
+    valid for one model state only, so make one per pass. Holds the ``size`` most recently used."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries, self.forwards = size, {}, 0
+
+    def get(self, ids: tuple[int, ...], compute):
+        """The cache of prefix ``ids``; ``compute()`` makes it when it is not held (least recently used dropped)."""
+        if ids in self.entries:
+            self.entries[ids] = self.entries.pop(ids)  # most recently used last
+        else:
+            self.forwards += 1
+            self.entries[ids] = compute()
+            while len(self.entries) > self.size:
+                self.entries.pop(next(iter(self.entries)))
+        return self.entries[ids]
+
+
 class _Forward:
     """Step probabilities of masked copies of one probe: ``removal[r, i]`` in [0, 1] moves context token
-    ``i`` of row ``r`` from its embedding (0) to the baseline's (1)."""
+    ``i`` of row ``r`` from its embedding (0) to the baseline's (1).
 
-    def __init__(self, wrapper: AttributionModel, seq: FeatureAttributionSequenceOutput, include_eos_baseline: bool):
+    All rows run in as few forwards as the memory budget allows. On a decoder-only model with a plain
+    key/value cache, the positions before the first one any row of a forward changes are the same in
+    every row: their keys and values come from one forward of one row (shared through ``prefixes``
+    by the probes of a pass), and the rows run only the positions after them."""
+
+    def __init__(self, wrapper: AttributionModel, seq: FeatureAttributionSequenceOutput, include_eos_baseline: bool,
+                 prefix_cache: bool = True, prefixes: PrefixCaches | None = None,
+                 memory_budget_bytes: int | None = None):
+        from ..models.architectures import ArchitectureAdapter
+
         self.wrapper, self.adapter = wrapper, wrapper.architecture
         self.batch = _probe_batch(wrapper, seq, include_eos_baseline)
         self.steps = seq.attr_pos_end - seq.attr_pos_start
@@ -132,13 +178,69 @@ class _Forward:
         # the source), as attribution embeds it, and its baseline.
         self.embeds = self.adapter.attributed_embeddings(self.batch, False)[0]
         self.baseline = self.adapter.attributed_embeddings(self.batch, False, baseline=True)[0]
-        ids = self.adapter.attributed_ids(self.batch)[0, : self.n_context]
+        self.ids = self.adapter.attributed_ids(self.batch)[0]
         base = self.adapter.attributed_ids(self.batch, baseline=True)[0, : self.n_context]
-        self.removable = (ids != base).cpu().numpy()
+        self.removable = (self.ids[: self.n_context] != base).cpu().numpy()
         self.targets = torch.tensor([[t.id for t in seq.generated]], device=wrapper.device)
         self.count = 0
+        # The cached path runs the model itself, as the decoder-only adapter does; sharded ranks keep
+        # whole sequences (the same collectives on every rank).
+        plain = type(self.adapter).forward_embeddings is ArchitectureAdapter.forward_embeddings
+        cacheable = (prefix_cache and plain and not self.adapter.is_encoder_decoder
+                     and not has_sharded_parameters(wrapper.model))
+        self.cache_argument = cache_argument(self.adapter.model) if cacheable else None
+        self.prefixes = prefixes if prefixes is not None else PrefixCaches(size=1)
+        self.budget = memory_budget_bytes if memory_budget_bytes is not None else wrapper.default_memory_budget
 
     def __call__(self, removal: np.ndarray) -> np.ndarray:
+        changed = removal != 0
+        # The first position each row changes; rows sorted by it, so that a forward's shared prefix
+        # is as long as its rows allow.
+        first = np.where(changed.any(axis=1), changed.argmax(axis=1), self.n_context)
+        order = np.argsort(first, kind="stable")
+        out = np.empty((removal.shape[0], self.steps))
+        cursor = 0
+        while cursor < len(order):
+            # (never past the first position that predicts a step: its logits are read)
+            start = min(int(first[order[cursor]]), self.embeds.shape[1] - self.steps) if self.cache_argument else 0
+            rows = max(1, min(len(order) - cursor, self.budget // self._row_bytes(start)))
+            chunk = order[cursor : cursor + rows]
+            out[chunk] = self._run(removal[chunk], start)
+            cursor += rows
+        return out
+
+    def _row_bytes(self, start: int) -> int:
+        """What one row adds to a forward without gradient: its key/value cache (every layer), one
+        layer's activations at a time, the attention scores and the kept logits (with their float
+        and log-softmax copies)."""
+        config = self.wrapper.model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 512)
+        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 12)
+        heads = getattr(config, "num_attention_heads", None) or 8
+        kv_dim = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
+        vocab = getattr(config, "vocab_size", None) or 0
+        length = self.embeds.shape[1] + (self.batch.target_ids.shape[1] if self.adapter.is_encoder_decoder else 0)
+        run = length - start
+        values = 2 * layers * length * kv_dim + run * (6 * hidden + 3 * inner) + heads * run * length
+        return max(4 * (values + 3 * self.steps * vocab), 1)
+
+    def _prefix(self, start: int):
+        """The one-row key/value cache of positions ``< start``, or None (not a plain cache)."""
+        key = tuple(self.ids[:start].tolist())
+        mask = torch.ones(1, start, dtype=torch.long, device=self.embeds.device)
+
+        def compute():
+            self.count += 1
+            return prefix_cache(self.adapter.model, self.embeds, mask, start, self.wrapper.forward_defaults,
+                                self.wrapper.can_skip_logits)
+
+        cache = self.prefixes.get(key, compute)
+        if cache is None:
+            self.cache_argument = None  # the model's cache cannot be reused: whole sequences from now on
+        return cache
+
+    def _run(self, removal: np.ndarray, start: int) -> np.ndarray:
         rows, length = removal.shape[0], self.embeds.shape[1]
         weights = torch.zeros(rows, length, 1, dtype=self.embeds.dtype, device=self.embeds.device)
         weights[:, : self.n_context, 0] = torch.as_tensor(removal, dtype=self.embeds.dtype, device=self.embeds.device)
@@ -146,11 +248,19 @@ class _Forward:
         kwargs = dict(self.wrapper.forward_defaults)
         if self.wrapper.can_skip_logits:
             kwargs["logits_to_keep"] = self.steps
-        output = self.adapter.forward_embeddings(
-            self.batch, [inputs], lambda: self.adapter.embed(self.batch.target_ids, as_targets=True), repeat=rows,
-            **kwargs)
+        cache = self._prefix(start) if start > 0 and self.cache_argument is not None else None
+        if cache is not None:
+            index = torch.zeros(rows, dtype=torch.long, device=self.embeds.device)
+            kwargs.update({"use_cache": True, self.cache_argument: expanded(cache, index)})
+            mask = torch.ones(rows, length, dtype=torch.long, device=self.embeds.device)
+            output = self.adapter.model(inputs_embeds=inputs[:, start:], attention_mask=mask, **kwargs)
+        else:
+            output = self.adapter.forward_embeddings(
+                self.batch, [inputs], lambda: self.adapter.embed(self.batch.target_ids, as_targets=True), repeat=rows,
+                **kwargs)
         self.count += 1
         logits = output.logits[:, -self.steps :, :].float()
+        del output
         chosen = logits.log_softmax(-1).gather(-1, self.targets.expand(rows, -1).unsqueeze(-1)).squeeze(-1)
         return chosen.exp().cpu().numpy().astype(float)
 
@@ -163,7 +273,9 @@ def _top(order: np.ndarray, n: int, size: int) -> np.ndarray:
 
 def probe_faithfulness(wrapper: AttributionModel, seq: FeatureAttributionSequenceOutput,
                        fractions: Sequence[float] = DEFAULT_FRACTIONS, ranking: str = "aggregated", seed: int = 0,
-                       include_eos_baseline: bool = False) -> Faithfulness:
+                       include_eos_baseline: bool = False, candidates: Sequence[int] | None = None,
+                       probabilities: Sequence[float] | None = None, prefix_cache: bool = True,
+                       prefixes: PrefixCaches | None = None, memory_budget_bytes: int | None = None) -> Faithfulness:
     """Comprehensiveness, sufficiency, their soft variants and a random baseline for one attributed
     sequence (see the module docstring for the formulas).
 
@@ -173,9 +285,20 @@ def probe_faithfulness(wrapper: AttributionModel, seq: FeatureAttributionSequenc
         fractions: the top-k fractions of the context tokens averaged over (AOPC).
         ranking: ``"aggregated"`` ranks the context tokens once, by their scores summed over the
             attributed tokens; ``"per_step"`` ranks them for each attributed token by its own column
-            (``N`` rows per forward instead of one).
+            (``N`` rows per mask instead of one).
         seed: seed of the random ranking.
         include_eos_baseline: whether the attribution's baseline replaced EOS tokens too.
+        candidates: the context positions that may be removed (the fractions count them), e.g. a
+            chat probe's message content without the template's own tokens; None: every context
+            token whose baseline differs from it.
+        probabilities: the attributed tokens' probabilities on the unmasked input when the caller
+            has them (the attribution's ``probability`` step scores, the same model and inputs):
+            saves one row. None computes them.
+        prefix_cache: on decoder-only models with a plain key/value cache, run the positions before
+            the first changed one once (same numbers within float rounding); False runs whole sequences.
+        prefixes: prefix caches shared with the other probes of a pass (see :class:`PrefixCaches`).
+        memory_budget_bytes: what a forward's rows may take; None: the model's default budget. Rows
+            beyond it run in further forwards.
 
     The model's modes, gradients and RNG streams are left as they were (the random ranking uses its
     own generator).
@@ -186,12 +309,21 @@ def probe_faithfulness(wrapper: AttributionModel, seq: FeatureAttributionSequenc
     with preserve_model_state(model), torch.no_grad():
         if any(module.training for module in model.modules()):
             model.eval()  # the deterministic model, as attribution sees it; modes restored on exit
-        forward = _Forward(wrapper, seq, include_eos_baseline)
-        return _measure(forward, scores, fractions, ranking, seed)
+        forward = _Forward(wrapper, seq, include_eos_baseline, prefix_cache, prefixes, memory_budget_bytes)
+        if candidates is not None:
+            allowed = np.zeros(forward.n_context, dtype=bool)
+            allowed[[i for i in candidates if 0 <= i < forward.n_context]] = True
+            forward.removable = forward.removable & allowed
+        full = None
+        if probabilities is not None:
+            full = np.asarray([float(p) for p in probabilities], dtype=float)
+            if full.shape != (forward.steps,) or not np.isfinite(full).all():
+                full = None  # not this sequence's probabilities: compute them
+        return _measure(forward, scores, fractions, ranking, seed, full)
 
 
 def _measure(forward: _Forward, scores: np.ndarray, fractions: tuple[float, ...], ranking: str,
-             seed: int) -> Faithfulness:
+             seed: int, full: np.ndarray | None) -> Faithfulness:
     n_context, steps = scores.shape
     removable = forward.removable.astype(float)
     candidates = np.flatnonzero(forward.removable)
@@ -205,37 +337,41 @@ def _measure(forward: _Forward, scores: np.ndarray, fractions: tuple[float, ...]
     orders = [candidates[np.argsort(-column[candidates], kind="stable")] for column in columns]
     random_orders = [rng.permutation(candidates) for _ in columns]
 
-    def read(probabilities: np.ndarray, first: int) -> np.ndarray:
-        block = probabilities[first : first + len(columns)]
-        return np.diagonal(block).copy() if per_step else block[0]
-
-    # The unmasked row and the soft rows: one forward.
+    # Every masked row of the probe, in blocks of ``len(columns)`` rows; all of them in one batched
+    # forward (more only when the memory budget says so).
+    blocks: dict[str, list[np.ndarray]] = {}
+    if full is None:
+        blocks["unmasked"] = [np.zeros(n_context)]
     peaks = [column[candidates].max() for column in columns]
     soft = [np.where(forward.removable, column / peak, 0.0) if peak > 0 else None for column, peak in zip(columns, peaks)]
     defined = all(w is not None for w in soft)
-    rows = [np.zeros(n_context)]
     if defined:
-        rows += [*soft, *(removable * (1.0 - w) for w in soft)]
-    probabilities = forward(np.stack(rows))
-    full = probabilities[0]
-    values = dict(nan)
-    if defined:
-        values["soft_comprehensiveness"] = float(np.mean(full - read(probabilities, 1)))
-        values["soft_sufficiency"] = float(np.mean(full - read(probabilities, 1 + len(columns))))
-
+        blocks["soft_comprehensiveness"] = list(soft)
+        blocks["soft_sufficiency"] = [removable * (1.0 - w) for w in soft]
     kinds = ("comprehensiveness", "sufficiency", "comprehensiveness_random", "sufficiency_random")
-    per_fraction, removed = {}, {}
+    removed = {}
     for fraction in fractions:
         n = removal_count(fraction, len(candidates))
         removed[fraction] = n
-        rows = []
-        for ranked in (orders, random_orders):
+        for ranked, suffix in ((orders, ""), (random_orders, "_random")):
             top = [_top(order, n, n_context) for order in ranked]
-            rows += [top, [removable * (1.0 - t) for t in top]]  # remove the top / keep only it
-        # Row blocks in ``kinds`` order: (ranked remove, ranked keep, random remove, random keep).
-        probabilities = forward(np.stack([row for block in rows for row in block]))
-        per_fraction[fraction] = {kind: float(np.mean(full - read(probabilities, i * len(columns))))
-                                  for i, kind in enumerate(kinds)}
+            blocks[f"comprehensiveness{suffix}@{fraction}"] = top  # remove the top
+            blocks[f"sufficiency{suffix}@{fraction}"] = [removable * (1.0 - t) for t in top]  # keep only it
+    probabilities = forward(np.stack([row for block in blocks.values() for row in block]))
+    read, first = {}, 0
+    for name, block in blocks.items():
+        rows = probabilities[first : first + len(block)]
+        read[name] = np.diagonal(rows).copy() if per_step else rows[0]
+        first += len(block)
+    if full is None:
+        full = read["unmasked"]
+
+    values = dict(nan)
+    if defined:
+        values["soft_comprehensiveness"] = float(np.mean(full - read["soft_comprehensiveness"]))
+        values["soft_sufficiency"] = float(np.mean(full - read["soft_sufficiency"]))
+    per_fraction = {fraction: {kind: float(np.mean(full - read[f"{kind}@{fraction}"])) for kind in kinds}
+                    for fraction in fractions}
     for kind in kinds:
         values[kind] = float(np.mean([per_fraction[f][kind] for f in fractions]))
     values["comprehensiveness_vs_random"] = values["comprehensiveness"] - values["comprehensiveness_random"]
@@ -243,5 +379,15 @@ def _measure(forward: _Forward, scores: np.ndarray, fractions: tuple[float, ...]
     return Faithfulness(values, per_fraction, float(np.mean(full)), removed, forward.count)
 
 
-__all__ = ["DEFAULT_FRACTIONS", "RANKINGS", "Faithfulness", "context_scores", "faithfulness_seed",
-           "probe_faithfulness", "removal_count"]
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "RANKINGS",
+    "SCOPES",
+    "Faithfulness",
+    "PrefixCaches",
+    "check_scope",
+    "context_scores",
+    "faithfulness_seed",
+    "probe_faithfulness",
+    "removal_count",
+]

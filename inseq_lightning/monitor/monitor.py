@@ -26,7 +26,15 @@ from .chat import message_label, render_chat
 from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
 from .evidence import average_precision, context_token_scores, evidence_rows, reciprocal_rank
-from .faithfulness import DEFAULT_FRACTIONS, check_fractions, check_ranking, faithfulness_seed, probe_faithfulness
+from .faithfulness import (
+    DEFAULT_FRACTIONS,
+    PrefixCaches,
+    check_fractions,
+    check_ranking,
+    check_scope,
+    faithfulness_seed,
+    probe_faithfulness,
+)
 from .guards import attribution_guard
 from .history import DriftHistory
 from .probes import Probe, ProbeSet
@@ -61,13 +69,18 @@ class ProbeMonitor:
             ``callback_metrics`` / evaluation metrics). See :mod:`.values` for the built-in ones.
         faithfulness: after attributing each probe, measure how faithful its map is
             (comprehensiveness, sufficiency, their soft variants and a random baseline; see
-            :mod:`.faithfulness`): ``len(faithfulness_fractions) + 1`` extra batched forwards per
-            probe (15 rows of the probe's length at the defaults), no backward. Off by default: on
-            CPU it costs about twice the attribution itself (docs/monitoring.md).
+            :mod:`.faithfulness`): one extra batched forward per probe (14 masked rows at the defaults),
+            no backward; on a decoder-only model the rows run only the positions after the first
+            removable token (a chat template's system prompt is computed once per pass). Off by
+            default (docs/monitoring.md has its cost).
         faithfulness_fractions: the top-k fractions of the context tokens averaged over (AOPC).
         faithfulness_ranking: ``"aggregated"`` (default) ranks the context tokens by their scores
             summed over the attributed tokens; ``"per_step"`` ranks them for each attributed token by
             its own scores (one row per attributed token in each forward).
+        faithfulness_scope: which context tokens faithfulness may remove (the fractions count them):
+            ``"content"`` (default) keeps a chat probe's template tokens (role headers, the
+            template's system prompt, end-of-turn markers) and removes only its messages' content;
+            ``"context"`` removes any context token. Plain-text probes are the same either way.
         alerts: :class:`~.alerts.AlertRule` objects checked after every training pass (see
             :mod:`.alerts`); fired alerts are in ``report.alerts`` and :attr:`fired_alerts`.
         canary_alert: when a probe has a cue, add the default rule that warns when a probe's
@@ -84,7 +97,8 @@ class ProbeMonitor:
                  method_kwargs: dict[str, Any] | None = None, batch_size: int = 8, strict: bool = False,
                  prefix: str | None = None, extra_values: Mapping[str, Callable[[ProbeResult], float]] | None = None,
                  faithfulness: bool = False, faithfulness_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 faithfulness_ranking: str = "aggregated", alerts: Sequence = (), canary_alert: bool = True,
+                 faithfulness_ranking: str = "aggregated", faithfulness_scope: str = "content",
+                 alerts: Sequence = (), canary_alert: bool = True,
                  stabilization_metric: str = "cosine", stabilization_tolerance: float = 0.05):
         self.probes = ProbeSet.coerce(probes)
         if get_method(method).granularity == "none":  # unknown names fail in get_method, listing the valid ones
@@ -103,6 +117,7 @@ class ProbeMonitor:
         self.faithfulness = bool(faithfulness)
         self.faithfulness_fractions = check_fractions(faithfulness_fractions)
         self.faithfulness_ranking = check_ranking(faithfulness_ranking)
+        self.faithfulness_scope = check_scope(faithfulness_scope)
         self.set_extra_values(extra_values)
         self.last_means: dict[str, float] = {}
         self.history = DriftHistory()
@@ -249,6 +264,8 @@ class ProbeMonitor:
         probes = list(self.probes) if probes is None else probes
         outputs: dict[str, FeatureAttributionOutput] = {}
         skipped: dict[str, str] = {}
+        # The chat template's system prompt, the same for every probe, is run once per pass.
+        prefixes = PrefixCaches()
         with attribution_guard(model), root_parameters_gathered(model, sharded_root):
             wrapper = self._wrapper(model, tokenizer)
             for start in range(0, len(probes), self.batch_size):
@@ -269,21 +286,41 @@ class ProbeMonitor:
                 if self.faithfulness:
                     for probe in chunk:
                         if probe.name in outputs:
-                            self._faithfulness(wrapper, probe, outputs[probe.name], step)
+                            self._faithfulness(wrapper, probe, outputs[probe.name], step, prefixes)
         return outputs, skipped
 
     def _faithfulness(self, wrapper: AttributionModel, probe: Probe, output: FeatureAttributionOutput,
-                      step: int) -> None:
+                      step: int, prefixes: PrefixCaches) -> None:
         """``output.info["faithfulness"]``: the probe's faithfulness values (on the model as attributed)."""
+        seq = output.sequence_attributions[0]
+        probability = seq.step_scores.get("probability")
         try:
+            candidates = self._removable_content(wrapper, probe, output)
             measured = probe_faithfulness(
-                wrapper, output.sequence_attributions[0], self.faithfulness_fractions, self.faithfulness_ranking,
+                wrapper, seq, self.faithfulness_fractions, self.faithfulness_ranking,
                 seed=faithfulness_seed(probe.name, step),
-                include_eos_baseline=bool(output.info.get("include_eos_baseline", False)))
+                include_eos_baseline=bool(output.info.get("include_eos_baseline", False)), candidates=candidates,
+                probabilities=None if probability is None else probability.float().tolist(), prefixes=prefixes)
         except Exception as error:  # noqa: BLE001 - a probe's faithfulness must not kill training
             self._fail(f"faithfulness:{probe.name}", f"Probe {probe.name!r}: faithfulness could not be measured", error)
             return
         output.info["faithfulness"] = measured.values
+
+    def _removable_content(self, wrapper: AttributionModel, probe: Probe,
+                           output: FeatureAttributionOutput) -> list[int] | None:
+        """The context rows faithfulness may remove: a chat probe's message content (scope
+        ``"content"``), located as evidence is; None: every context token."""
+        if self.faithfulness_scope != "content" or not probe.is_chat:
+            return None
+        rendered = render_chat(wrapper.tokenizer, probe.messages, None)
+        spans = [(start, end) for _, start, end in rendered.message_spans]
+        full_text = (output.info.get("generated_texts") or [None])[0]
+        source_ids = [t.id for t in output.sequence_attributions[0].source]
+        rows = evidence_rows(wrapper.tokenizer, rendered.prompt_text, source_ids, spans, full_text)
+        if rows is None:
+            raise ValueError("the chat messages' content could not be located in the tokens (the tokenizer gives "
+                             "no matching offsets); use faithfulness_scope='context' to remove any context token")
+        return rows
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
             stage: str = "fit", sinks: Sequence = (), sharded_root: torch.nn.Module | None = None,

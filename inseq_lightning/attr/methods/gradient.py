@@ -2,12 +2,13 @@
 DeepLIFT and GradientSHAP, each computed from one forward per batch (per integration point)."""
 
 import dataclasses
-import inspect
 
 import torch
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from captum.attr._utils.approximation_methods import approximation_parameters
 
+from ...utils.kv_cache import cache_argument as kv_cache_argument
+from ...utils.kv_cache import prefix_cache, returned_cache
 from ...utils.sharding import has_sharded_parameters
 from ..backward import step_gradients
 from ..engine import EngineContext, interpolation_chunks
@@ -218,35 +219,13 @@ class GradientShap(AttributionMethod):
         return MethodResult(*ctx.split([t / n_samples for t in total]))
 
 
-def _cache_argument(model: torch.nn.Module) -> str | None:
-    """The name under which ``model.forward`` takes a key/value cache (``cache`` in transformers 5,
-    ``past_key_values`` before), or None when it takes none."""
-    parameters = inspect.signature(model.forward).parameters
-    if "use_cache" not in parameters:
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
 def _prefix_cache(ctx: EngineContext, x: torch.Tensor, start: int, repeat: int):
-    """The key/value cache of positions ``< start`` of the real inputs ``x`` ``[B, L, D]`` (one
-    forward without gradient), its batch ``repeat`` stacked copies of the batch; None when the model
-    returns anything but a plain full-attention ``DynamicCache`` (sliding windows, recurrent states)."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:
-        return None
-    kwargs = {**ctx.model.forward_defaults, "use_cache": True}
-    if ctx.model.can_skip_logits:
-        kwargs["logits_to_keep"] = 1
-    with torch.no_grad():
-        output = ctx.adapter.model(inputs_embeds=x[:, :start], attention_mask=ctx.batch.target_mask[:, :start],
-                                   **kwargs)
-    cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
-    del output
-    if (not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers)
-            or cache.get_seq_length() != start):
-        return None
-    if repeat > 1:  # rows r * B + b, as the interpolated inputs stack them
+    """The key/value cache of positions ``< start`` of the real inputs ``x`` ``[B, L, D]``, its batch
+    ``repeat`` stacked copies of the batch (rows ``r * B + b``, as the interpolated inputs stack them);
+    None when the model's cache is not a plain full-attention one (:func:`~inseq_lightning.utils.kv_cache.prefix_cache`)."""
+    cache = prefix_cache(ctx.adapter.model, x, ctx.batch.target_mask, start, ctx.model.forward_defaults,
+                         ctx.model.can_skip_logits)
+    if cache is not None and repeat > 1:
         cache.batch_select_indices(torch.arange(x.shape[0], device=x.device).repeat(repeat))
     return cache
 
@@ -309,7 +288,7 @@ class SequentialIntegratedGradients(AttributionMethod):
         plain_forward = type(ctx.adapter).forward_embeddings is ArchitectureAdapter.forward_embeddings
         if (prefix_cache and plain_forward and not ctx.adapter.is_encoder_decoder and len(inputs) == 1
                 and not has_sharded_parameters(ctx.model.model)):
-            cache_argument = _cache_argument(ctx.adapter.model)
+            cache_argument = kv_cache_argument(ctx.adapter.model)
             if cache_argument is not None and _prefix_cache(ctx, inputs[0], 1, 1) is not None:
                 return self._attribute_cached(ctx, inputs[0], baselines[0], cache_argument, n_steps, method,
                                               internal_batch_size, multiply_by_inputs, max(1, int(steps_per_segment)))
@@ -396,7 +375,7 @@ class SequentialIntegratedGradients(AttributionMethod):
                     output = model(inputs_embeds=segment, attention_mask=mask[:, :segment_end].repeat(repeat, 1),
                                    **kwargs)
                 if cache is None:
-                    cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
+                    cache = returned_cache(output)
                 logits = output.logits
                 del output, segment
                 # [rows, N, V]: the logits that predict each step, read from this segment's kept
