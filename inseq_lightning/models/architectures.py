@@ -8,7 +8,8 @@ the architecture themselves. An adapter owns:
   the decoder expects as ``decoder_inputs_embeds``;
 - **the attributed inputs** of a batch (embeddings or, for layer methods, ids) and their baselines;
 - **the forward** from attributed embeddings, from ids with an embedding-layer override, or from
-  plain ids (contrastive inputs);
+  plain ids (contrastive inputs), its length, and whether a prefix of the attributed sequence can be
+  computed apart in a key/value cache (sequential integrated gradients, faithfulness);
 - **the mapping of results** to (source, target) sides, attention rows included;
 - **tokenization** of a batch (through :mod:`.tokenization`) and what a generation's ids mean.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
+from ..utils.kv_cache import cache_argument
 from .batch import Batch
 
 
@@ -85,6 +87,19 @@ class ArchitectureAdapter:
         return positions
 
     # ---- forward --------------------------------------------------------------------------
+    def forward_length(self, batch: Batch) -> int:
+        """Positions one forward of ``batch`` runs (for memory estimates): the sequence."""
+        return batch.target_ids.shape[1]
+
+    def prefix_cache_argument(self) -> str | None:
+        """The forward argument that takes a key/value cache of the attributed sequence's first
+        positions, computed apart (:mod:`~inseq_lightning.utils.kv_cache`), or None where there is no
+        such prefix: an encoder-decoder (a bidirectional encoder), an adapter with its own forward.
+        Whether the model's cache is a plain one shows only when it is built."""
+        if type(self).forward_embeddings is not ArchitectureAdapter.forward_embeddings:
+            return None
+        return cache_argument(self.model)
+
     def forward_embeddings(self, batch: Batch, inputs: Sequence[torch.Tensor], target_embeddings, repeat: int = 1,
                            **kwargs) -> ModelOutput:
         """Run the model on attributed embeddings.
@@ -176,6 +191,12 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
     """Source side: the encoder's input embeddings; target side: the decoder's (own table)."""
 
     is_encoder_decoder = True
+
+    def forward_length(self, batch: Batch) -> int:
+        return batch.source_ids.shape[1] + batch.target_ids.shape[1]
+
+    def prefix_cache_argument(self) -> str | None:
+        return None
 
     def _scaled_module(self) -> torch.nn.Module:
         return self.model.get_encoder()

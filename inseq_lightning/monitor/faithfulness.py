@@ -46,7 +46,7 @@ from ..data.outputs import FeatureAttributionSequenceOutput
 from ..models.attribution_model import AttributionModel
 from ..models.batch import Batch
 from ..models.tokenization import baseline_ids
-from ..utils.kv_cache import cache_argument, expanded, prefix_cache
+from ..utils.kv_cache import expanded, prefix_cache
 from ..utils.model_state import preserve_model_state
 from ..utils.sharding import has_sharded_parameters
 from .drift import AttributionMap
@@ -168,8 +168,6 @@ class _Forward:
     def __init__(self, wrapper: AttributionModel, seq: FeatureAttributionSequenceOutput, include_eos_baseline: bool,
                  prefix_cache: bool = True, prefixes: PrefixCaches | None = None,
                  memory_budget_bytes: int | None = None):
-        from ..models.architectures import ArchitectureAdapter
-
         self.wrapper, self.adapter = wrapper, wrapper.architecture
         self.batch = _probe_batch(wrapper, seq, include_eos_baseline)
         self.steps = seq.attr_pos_end - seq.attr_pos_start
@@ -183,12 +181,9 @@ class _Forward:
         self.removable = (self.ids[: self.n_context] != base).cpu().numpy()
         self.targets = torch.tensor([[t.id for t in seq.generated]], device=wrapper.device)
         self.count = 0
-        # The cached path runs the model itself, as the decoder-only adapter does; sharded ranks keep
-        # whole sequences (the same collectives on every rank).
-        plain = type(self.adapter).forward_embeddings is ArchitectureAdapter.forward_embeddings
-        cacheable = (prefix_cache and plain and not self.adapter.is_encoder_decoder
-                     and not has_sharded_parameters(wrapper.model))
-        self.cache_argument = cache_argument(self.adapter.model) if cacheable else None
+        # Sharded ranks keep whole sequences (the same collectives on every rank).
+        cacheable = prefix_cache and not has_sharded_parameters(wrapper.model)
+        self.cache_argument = self.adapter.prefix_cache_argument() if cacheable else None
         self.prefixes = prefixes if prefixes is not None else PrefixCaches(size=1)
         self.budget = memory_budget_bytes if memory_budget_bytes is not None else wrapper.default_memory_budget
 
@@ -220,7 +215,7 @@ class _Forward:
         heads = getattr(config, "num_attention_heads", None) or 8
         kv_dim = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
         vocab = getattr(config, "vocab_size", None) or 0
-        length = self.embeds.shape[1] + (self.batch.target_ids.shape[1] if self.adapter.is_encoder_decoder else 0)
+        length = self.adapter.forward_length(self.batch)
         run = length - start
         values = 2 * layers * length * kv_dim + run * (6 * hidden + 3 * inner) + heads * run * length
         return max(4 * (values + 3 * self.steps * vocab), 1)

@@ -7,7 +7,6 @@ import torch
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from ...utils.kv_cache import cache_argument as kv_cache_argument
 from ...utils.kv_cache import prefix_cache, returned_cache
 from ...utils.sharding import has_sharded_parameters
 from ..backward import step_gradients
@@ -279,19 +278,14 @@ class SequentialIntegratedGradients(AttributionMethod):
         steps_per_segment: int = 4,
         **kwargs,
     ) -> MethodResult:
-        from ...models.architectures import ArchitectureAdapter  # here: the models package imports the methods
-
         inputs, baselines = ctx.embeddings(), ctx.baseline_embeddings()
-        # The cached path runs the model itself, as the decoder-only adapter does (an adapter with
-        # its own forward keeps it), and a number of forwards that depends on the batch's steps
-        # (sharded ranks must run the same collectives: they keep whole sequences).
-        plain_forward = type(ctx.adapter).forward_embeddings is ArchitectureAdapter.forward_embeddings
-        if (prefix_cache and plain_forward and not ctx.adapter.is_encoder_decoder and len(inputs) == 1
-                and not has_sharded_parameters(ctx.model.model)):
-            cache_argument = kv_cache_argument(ctx.adapter.model)
-            if cache_argument is not None and _prefix_cache(ctx, inputs[0], 1, 1) is not None:
-                return self._attribute_cached(ctx, inputs[0], baselines[0], cache_argument, n_steps, method,
-                                              internal_batch_size, multiply_by_inputs, max(1, int(steps_per_segment)))
+        # The cached path needs a prefix the adapter can cache, and a number of forwards that depends on
+        # the batch's steps (sharded ranks must run the same collectives: they keep whole sequences).
+        cache_argument = ctx.adapter.prefix_cache_argument() if prefix_cache else None
+        if (cache_argument is not None and len(inputs) == 1 and not has_sharded_parameters(ctx.model.model)
+                and _prefix_cache(ctx, inputs[0], 1, 1) is not None):
+            return self._attribute_cached(ctx, inputs[0], baselines[0], cache_argument, n_steps, method,
+                                          internal_batch_size, multiply_by_inputs, max(1, int(steps_per_segment)))
         return self._attribute_whole(ctx, inputs, baselines, n_steps, method, internal_batch_size, multiply_by_inputs)
 
     @staticmethod
