@@ -102,19 +102,82 @@ def _decoder_only_architectures() -> list[str]:
     return [arch for arch in ARCHITECTURES if not built(arch)[0].config.is_encoder_decoder]
 
 
+WHOLE_SEQUENCE_ARCHITECTURES = {"gemma2", "gemma3", "mistral"}  # sliding-window caches: no prefix is cached
+
+
+@pytest.mark.parametrize("budget", [None, 1], ids=["one-forward", "row-by-row"])
 @pytest.mark.parametrize("arch", _decoder_only_architectures())
-def test_every_decoder_only_architecture_gives_the_same_numbers_cached(arch):
-    """Absolute, rotary, ALiBi (BLOOM), mask-derived (OPT) positions, scaled embeddings (Gemma);
-    models whose cache is not a plain one (sliding windows) run whole sequences."""
+def test_every_decoder_only_architecture_gives_the_same_probabilities_cached(arch, budget):
+    """Absolute, rotary, ALiBi (BLOOM), mask-derived (OPT) positions, scaled embeddings (Gemma): every
+    masked row's step probabilities on the cached path equal whole sequences (relative 1e-5), rows of
+    different first changed positions mixed (sorted, then mapped back); models whose cache is not a
+    plain one (sliding windows) run whole sequences."""
     from test_architectures import built, texts
 
     wrapper = built(arch)[2]
     prompt, target = texts(arch)[0]
     seq = wrapper.attribute(prompt, target, step_scores=["probability"], show_progress=False).sequence_attributions[0]
-    candidates = list(range(2, len(seq.source)))
-    cached = probe_faithfulness(wrapper, seq, candidates=candidates, memory_budget_bytes=1)
-    whole = probe_faithfulness(wrapper, seq, candidates=candidates, prefix_cache=False)
-    _assert_same_values(cached, whole)
+    n = len(seq.source)
+    removal = np.zeros((5, n))
+    removal[0, n - 1] = 1.0  # the last context token only: the longest prefix
+    removal[1, 2:] = 1.0
+    removal[2, 2:] = 0.5  # a soft row
+    removal[4, [2, n - 1]] = 1.0  # row 3 stays unmasked
+    cached = faithfulness_module._Forward(wrapper, seq, False, memory_budget_bytes=budget)
+    whole = faithfulness_module._Forward(wrapper, seq, False, prefix_cache=False)
+    with torch.no_grad():
+        got, expected = cached(removal), whole(removal)
+    assert np.all(expected > 0) and not np.allclose(expected[1], expected[3])  # the masks change the answer
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
+    plain = arch not in WHOLE_SEQUENCE_ARCHITECTURES
+    assert bool(cached.prefixes.entries) == plain
+    # one forward: one prefix (position 2); row by row: the rows' two first changed positions (2 and the last
+    # context token, the unmasked row's included), each computed once; a model without a plain cache is
+    # tried once, not per forward
+    assert cached.prefixes.forwards == (2 if plain and budget == 1 else 1)
+    # the faithfulness values too
+    candidates = list(range(2, n))
+    _assert_same_values(probe_faithfulness(wrapper, seq, candidates=candidates, memory_budget_bytes=budget),
+                        probe_faithfulness(wrapper, seq, candidates=candidates, prefix_cache=False))
+
+
+def test_rows_are_sized_for_whole_sequences_when_the_cache_cannot_be_reused(monkeypatch):
+    """A sliding-window model (Gemma 2): the first prefix shows the cache is not a plain one; every
+    forward then holds only as many whole-sequence rows as the budget allows, and no prefix is tried again."""
+    from test_architectures import built, texts
+
+    wrapper = built("gemma2")[2]
+    prompt, target = texts("gemma2")[0]
+    seq = wrapper.attribute(prompt, target, step_scores=["probability"], show_progress=False).sequence_attributions[0]
+    rows = []
+    handle = wrapper.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True)
+    calls = _prefix_calls(monkeypatch)
+    try:
+        probe = faithfulness_module._Forward(wrapper, seq, False)
+        whole_row = probe._row_bytes(0)
+        forward = faithfulness_module._Forward(wrapper, seq, False, memory_budget_bytes=2 * whole_row)
+        removal = np.zeros((6, len(seq.source)))
+        removal[:, 2:] = 1.0
+        with torch.no_grad():
+            forward(removal)
+    finally:
+        handle.remove()
+    length = forward.embeds.shape[1]
+    assert calls == [2]  # one prefix tried
+    assert rows[1:] == [torch.Size([2, length])] * 3  # then whole sequences, two rows per forward
+
+
+def test_logprob_step_scores_are_not_read_as_probabilities():
+    """``logprob=True`` turns the ``probability`` step score into a log-probability: faithfulness then
+    computes its own unmasked row, and its values are those of a run without it."""
+    model, tok = tiny_gpt2()
+    probe = Probe("The cat sat on the mat and", " looked at the dog.")
+    plain = ProbeMonitor([probe], strict=True, faithfulness=True).run(model, tok, 0).results[0]
+    logprob = ProbeMonitor([probe], strict=True, faithfulness=True, method_kwargs={"logprob": True}).run(
+        model, tok, 0).results[0]
+    assert logprob.step_scores["probability"] < 0 < plain.step_scores["probability"]
+    assert logprob.faithfulness == pytest.approx(plain.faithfulness, abs=1e-7)
 
 
 def test_encoder_decoders_run_whole_sequences(monkeypatch):

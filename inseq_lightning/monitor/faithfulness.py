@@ -141,16 +141,24 @@ class PrefixCaches:
     rendered with one template start with the same system prompt). Keyed by the prefix's token ids;
     valid for one model state only, so make one per pass. Holds the ``size`` most recently used."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 2):
         self.size, self.entries, self.forwards = size, {}, 0
+        self.unsupported = False  # the model's cache is not a plain one: no prefix is tried again
 
     def get(self, ids: tuple[int, ...], compute):
-        """The cache of prefix ``ids``; ``compute()`` makes it when it is not held (least recently used dropped)."""
+        """The cache of prefix ``ids``; ``compute()`` makes it when it is not held (least recently used
+        dropped); None, without a forward, once a model's cache proved not to be a plain one."""
+        if self.unsupported:
+            return None
         if ids in self.entries:
             self.entries[ids] = self.entries.pop(ids)  # most recently used last
         else:
             self.forwards += 1
-            self.entries[ids] = compute()
+            cache = compute()
+            if cache is None:
+                self.unsupported = True
+                return None
+            self.entries[ids] = cache
             while len(self.entries) > self.size:
                 self.entries.pop(next(iter(self.entries)))
         return self.entries[ids]
@@ -198,9 +206,12 @@ class _Forward:
         while cursor < len(order):
             # (never past the first position that predicts a step: its logits are read)
             start = min(int(first[order[cursor]]), self.embeds.shape[1] - self.steps) if self.cache_argument else 0
+            cache = self._prefix(start) if start > 0 else None
+            if cache is None:  # whole sequences: the rows are sized for them
+                start = 0
             rows = max(1, min(len(order) - cursor, self.budget // self._row_bytes(start)))
             chunk = order[cursor : cursor + rows]
-            out[chunk] = self._run(removal[chunk], start)
+            out[chunk] = self._run(removal[chunk], start, cache)
             cursor += rows
         return out
 
@@ -213,15 +224,20 @@ class _Forward:
         inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 12)
         heads = getattr(config, "num_attention_heads", None) or 8
-        kv_dim = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_dim = head_dim * (getattr(config, "num_key_value_heads", None) or heads)
         vocab = getattr(config, "vocab_size", None) or 0
         length = self.adapter.forward_length(self.batch)
         run = length - start
-        values = 2 * layers * length * kv_dim + run * (6 * hidden + 3 * inner) + heads * run * length
+        # (the rows' full-length inputs, their baseline mix and eager attention's float copies included)
+        values = (2 * layers * length * kv_dim + 2 * length * hidden + run * (6 * hidden + 3 * inner)
+                  + 2 * heads * run * length)
         return max(4 * (values + 3 * self.steps * vocab), 1)
 
     def _prefix(self, start: int):
-        """The one-row key/value cache of positions ``< start``, or None (not a plain cache)."""
+        """The one-row key/value cache of positions ``< start``, or None (no cached path, or not a plain cache)."""
+        if self.cache_argument is None:
+            return None
         key = tuple(self.ids[:start].tolist())
         mask = torch.ones(1, start, dtype=torch.long, device=self.embeds.device)
 
@@ -235,7 +251,7 @@ class _Forward:
             self.cache_argument = None  # the model's cache cannot be reused: whole sequences from now on
         return cache
 
-    def _run(self, removal: np.ndarray, start: int) -> np.ndarray:
+    def _run(self, removal: np.ndarray, start: int, cache) -> np.ndarray:
         rows, length = removal.shape[0], self.embeds.shape[1]
         weights = torch.zeros(rows, length, 1, dtype=self.embeds.dtype, device=self.embeds.device)
         weights[:, : self.n_context, 0] = torch.as_tensor(removal, dtype=self.embeds.dtype, device=self.embeds.device)
@@ -243,7 +259,6 @@ class _Forward:
         kwargs = dict(self.wrapper.forward_defaults)
         if self.wrapper.can_skip_logits:
             kwargs["logits_to_keep"] = self.steps
-        cache = self._prefix(start) if start > 0 and self.cache_argument is not None else None
         if cache is not None:
             index = torch.zeros(rows, dtype=torch.long, device=self.embeds.device)
             kwargs.update({"use_cache": True, self.cache_argument: expanded(cache, index)})

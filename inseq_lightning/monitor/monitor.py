@@ -52,6 +52,18 @@ class MonitoringError(InseqLightningError, RuntimeError):
     """A probe or sink failed and the monitor was built with ``strict=True``."""
 
 
+def _reusable_probabilities(wrapper: AttributionModel, seq, output: FeatureAttributionOutput) -> list[float] | None:
+    """The attribution's ``probability`` step scores as faithfulness's unmasked probabilities, when they
+    are plain probabilities computed in full precision (not ``logprob=True``'s log-probabilities, not a
+    half-precision softmax that faithfulness's float32 rows would not match)."""
+    probability = seq.step_scores.get("probability")
+    if probability is None or (output.info.get("step_scores_args") or {}).get("logprob"):
+        return None
+    if next(wrapper.model.parameters()).dtype not in (torch.float32, torch.float64):
+        return None
+    return probability.float().tolist()
+
+
 class ProbeMonitor:
     """Attributes a fixed probe set on a live model and hands the results to sinks.
 
@@ -264,8 +276,6 @@ class ProbeMonitor:
         probes = list(self.probes) if probes is None else probes
         outputs: dict[str, FeatureAttributionOutput] = {}
         skipped: dict[str, str] = {}
-        # The chat template's system prompt, the same for every probe, is run once per pass.
-        prefixes = PrefixCaches()
         with attribution_guard(model), root_parameters_gathered(model, sharded_root):
             wrapper = self._wrapper(model, tokenizer)
             for start in range(0, len(probes), self.batch_size):
@@ -284,6 +294,9 @@ class ProbeMonitor:
                             skipped[probe.name] = f"{type(error).__name__}: {error}"
                             self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be attributed", error)
                 if self.faithfulness:
+                    # The chat template's system prompt, the same for every probe, runs once per batch
+                    # (its cache is dropped before the next batch is attributed).
+                    prefixes = PrefixCaches()
                     for probe in chunk:
                         if probe.name in outputs:
                             self._faithfulness(wrapper, probe, outputs[probe.name], step, prefixes)
@@ -293,14 +306,13 @@ class ProbeMonitor:
                       step: int, prefixes: PrefixCaches) -> None:
         """``output.info["faithfulness"]``: the probe's faithfulness values (on the model as attributed)."""
         seq = output.sequence_attributions[0]
-        probability = seq.step_scores.get("probability")
         try:
             candidates = self._removable_content(wrapper, probe, output)
             measured = probe_faithfulness(
                 wrapper, seq, self.faithfulness_fractions, self.faithfulness_ranking,
                 seed=faithfulness_seed(probe.name, step),
                 include_eos_baseline=bool(output.info.get("include_eos_baseline", False)), candidates=candidates,
-                probabilities=None if probability is None else probability.float().tolist(), prefixes=prefixes)
+                probabilities=_reusable_probabilities(wrapper, seq, output), prefixes=prefixes)
         except Exception as error:  # noqa: BLE001 - a probe's faithfulness must not kill training
             self._fail(f"faithfulness:{probe.name}", f"Probe {probe.name!r}: faithfulness could not be measured", error)
             return
@@ -317,9 +329,12 @@ class ProbeMonitor:
         full_text = (output.info.get("generated_texts") or [None])[0]
         source_ids = [t.id for t in output.sequence_attributions[0].source]
         rows = evidence_rows(wrapper.tokenizer, rendered.prompt_text, source_ids, spans, full_text)
-        if rows is None:
-            raise ValueError("the chat messages' content could not be located in the tokens (the tokenizer gives "
-                             "no matching offsets); use faithfulness_scope='context' to remove any context token")
+        key = f"faithfulness_scope:{probe.name}"
+        if rows is None and key not in self._warned:  # measured on the whole context, and said once
+            self._warned.add(key)
+            warnings.warn(f"Probe {probe.name!r}: the chat messages' content could not be located in the tokens "
+                          "(the tokenizer gives no matching offsets), so faithfulness removes any context token "
+                          "(faithfulness_scope='context') for it", AttributionMonitorWarning, stacklevel=3)
         return rows
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int, epoch: int | None = None,
