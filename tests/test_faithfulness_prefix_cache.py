@@ -265,3 +265,30 @@ def test_prefix_caches_keep_the_last_few_prefixes():
     for key in [(1,), (2,), (1,), (3,), (1,), (2,)]:
         caches.get(key, lambda key=key: made.append(key) or key)
     assert made == [(1,), (2,), (3,), (2,)] and caches.forwards == 4
+
+
+def test_a_lora_model_caches_the_prefix_and_prefix_tuning_does_not():
+    """A PEFT model hands the cache to its base model (LoRA weights applied, here not zero): the cached
+    rows equal whole sequences. Prefix tuning fills the cache itself: no prefix of ours goes in."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from inseq_lightning.models.attribution_model import AttributionModel
+    from inseq_lightning.utils.kv_cache import cache_argument
+
+    model, tok = tiny_llama()
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                            init_lora_weights=False))
+    wrapper = AttributionModel(lora, tok)  # as the monitor wraps the live model
+    seq = _sequence(wrapper)
+    removal = np.zeros((3, len(seq.source)))
+    removal[0, 3:] = 1.0
+    removal[1, [3, 5]] = 1.0
+    cached = faithfulness_module._Forward(wrapper, seq, False)
+    whole = faithfulness_module._Forward(wrapper, seq, False, prefix_cache=False)
+    with torch.no_grad():
+        got, expected = cached(removal), whole(removal)
+        base = faithfulness_module._Forward(AttributionModel(tiny_llama()[0], tok), seq, False)(removal)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
+    assert cached.prefixes.entries and not np.allclose(got, base, rtol=1e-3)  # LoRA's own numbers, cached
+    prefix = get_peft_model(tiny_llama()[0], PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert cache_argument(lora) == cache_argument(model) and cache_argument(prefix) is None

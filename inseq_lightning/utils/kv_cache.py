@@ -16,7 +16,16 @@ import torch
 
 def cache_argument(model: torch.nn.Module) -> str | None:
     """The name under which ``model.forward`` takes a key/value cache (``cache`` in transformers 5,
-    ``past_key_values`` before), or None when it takes none."""
+    ``past_key_values`` before), or None when it takes none.
+
+    A PEFT model (LoRA and the other adapter methods) hands the keyword arguments it does not know to
+    its base model, so the base model's name holds; prompt-learning methods (prefix tuning, prompt
+    tuning) fill the cache or the inputs themselves, so no prefix of ours goes in."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        config = getattr(model, "active_peft_config", None)
+        if config is None or getattr(config, "is_prompt_learning", True):
+            return None
+        return cache_argument(model.get_base_model())
     parameters = inspect.signature(model.forward).parameters
     if "use_cache" not in parameters:
         return None
