@@ -137,9 +137,10 @@ def _probe_batch(wrapper: AttributionModel, seq: FeatureAttributionSequenceOutpu
 
 
 class PrefixCaches:
-    """Key/value caches of unchanged prefixes, shared by the probes of one monitoring pass (chat probes
-    rendered with one template start with the same system prompt). Keyed by the prefix's token ids;
-    valid for one model state only, so make one per pass. Holds the ``size`` most recently used."""
+    """Key/value caches of unchanged prefixes, shared by the probes of one batch of a monitoring pass
+    (chat probes rendered with one template start with the same system prompt). Keyed by the prefix's
+    token ids; valid for one model state only (the monitor makes one per batch and drops it before the
+    next batch is attributed). Holds the ``size`` most recently used."""
 
     def __init__(self, size: int = 2):
         self.size, self.entries, self.forwards = size, {}, 0
@@ -171,7 +172,7 @@ class _Forward:
     All rows run in as few forwards as the memory budget allows. On a decoder-only model with a plain
     key/value cache, the positions before the first one any row of a forward changes are the same in
     every row: their keys and values come from one forward of one row (shared through ``prefixes``
-    by the probes of a pass), and the rows run only the positions after them."""
+    by the probes of a batch), and the rows run only the positions after them."""
 
     def __init__(self, wrapper: AttributionModel, seq: FeatureAttributionSequenceOutput, include_eos_baseline: bool,
                  prefix_cache: bool = True, prefixes: PrefixCaches | None = None,
