@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import ModelOutput
 
+from ..utils.model_dims import model_dims
 from ..utils.sharding import has_sharded_parameters
 from .backward import SHARDED_MEMORY_BUDGET_BYTES, HeadRecorder, StepLayout, default_memory_budget, step_gradients
 from .step_scorer import StepScorer
@@ -74,11 +75,10 @@ class EngineContext:
         if budget is None:
             budget = SHARDED_MEMORY_BUDGET_BYTES if sharded else self.model.default_memory_budget
         self.memory_budget_bytes = budget
-        config = self.model.model.config
+        dims = model_dims(self.model.model.config)
         self.layout = StepLayout(
             self.positions, self.valid, self.batch.target_ids.shape[1],
-            hidden_size=getattr(config, "hidden_size", None) or getattr(config, "d_model", 512),
-            num_layers=getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 12),
+            hidden_size=dims.hidden, num_layers=dims.layers,
         )
         self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
         # From the batch's host-side lists: no device sync per batch or per report.

@@ -47,6 +47,7 @@ from ..models.attribution_model import AttributionModel
 from ..models.batch import Batch
 from ..models.tokenization import baseline_ids
 from ..utils.kv_cache import expanded, prefix_cache
+from ..utils.model_dims import model_dims
 from ..utils.model_state import preserve_model_state
 from ..utils.sharding import has_sharded_parameters
 from .drift import AttributionMap
@@ -220,20 +221,13 @@ class _Forward:
         """What one row adds to a forward without gradient: its key/value cache (every layer), one
         layer's activations at a time, the attention scores and the kept logits (with their float
         and log-softmax copies)."""
-        config = self.wrapper.model.config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 512)
-        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 12)
-        heads = getattr(config, "num_attention_heads", None) or 8
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        kv_dim = head_dim * (getattr(config, "num_key_value_heads", None) or heads)
-        vocab = getattr(config, "vocab_size", None) or 0
+        dims = model_dims(self.wrapper.model.config)
         length = self.adapter.forward_length(self.batch)
         run = length - start
         # (the rows' full-length inputs, their baseline mix and eager attention's float copies included)
-        values = (2 * layers * length * kv_dim + 2 * length * hidden + run * (6 * hidden + 3 * inner)
-                  + 2 * heads * run * length)
-        return max(4 * (values + 3 * self.steps * vocab), 1)
+        values = (2 * dims.layers * length * dims.kv_dim + 2 * length * dims.hidden
+                  + run * (6 * dims.hidden + 3 * dims.inner) + 2 * dims.heads * run * length)
+        return max(4 * (values + 3 * self.steps * (dims.vocab or 0)), 1)
 
     def _prefix(self, start: int):
         """The one-row key/value cache of positions ``< start``, or None (no cached path, or not a plain cache)."""

@@ -8,6 +8,7 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 from ...utils.kv_cache import prefix_cache, returned_cache
+from ...utils.model_dims import model_dims
 from ...utils.sharding import has_sharded_parameters
 from ..backward import step_gradients
 from ..engine import EngineContext, interpolation_chunks
@@ -297,11 +298,11 @@ class SequentialIntegratedGradients(AttributionMethod):
         step_sizes_fn, alphas_fn = approximation_parameters(method)
         step_sizes, alphas = step_sizes_fn(n_steps), alphas_fn(n_steps)
         batch, length = x.shape[0], x.shape[1]
-        model, config = ctx.adapter.model, ctx.model.model.config
+        model = ctx.adapter.model
         # Activations per row and position of the forward: what the backward's estimate counts per
         # step, plus the output layer's logits.
         per_token = (ctx.layout.hidden_size * max(ctx.layout.num_layers, 1) * 24
-                     + (getattr(config, "vocab_size", 0) or 0)) * max(x.element_size(), 4)
+                     + (model_dims(ctx.model.model.config).vocab or 0)) * max(x.element_size(), 4)
         forward_budget = ctx.memory_budget_bytes // 2
         # The position that predicts each step (-1: padding step). Positions from the last of them
         # on are seen by no step: their gradients are zero (as in a whole forward) and are not run.

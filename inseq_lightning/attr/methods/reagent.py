@@ -32,6 +32,7 @@ import math
 import torch
 
 from ...errors import InvalidInputError
+from ...utils.model_dims import model_dims
 from ..engine import EngineContext
 from .base import AttributionMethod, MethodResult, register_method
 
@@ -145,9 +146,8 @@ class _Probing:
 
     def _default_rows(self) -> int:
         ctx = self.ctx
-        config = ctx.model.model.config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or 512
-        vocab = getattr(config, "vocab_size", None) or 32000
+        dims = model_dims(ctx.model.model.config)
+        hidden, vocab = dims.hidden, dims.vocab or 32000
         length = self.ids.shape[1] + (ctx.batch.target_ids.shape[1] if ctx.adapter.is_encoder_decoder else 0)
         # activations, the kept logits (at most every position) and the update's [rows, N, vocab] step logits
         per_row = (length * 16 * hidden + (ctx.batch.target_ids.shape[1] + ctx.num_steps) * vocab) * 4
