@@ -83,7 +83,7 @@ class ProbeMonitor:
             (comprehensiveness, sufficiency, their soft variants and a random baseline; see
             :mod:`.faithfulness`): one extra batched forward per probe (14 masked rows at the defaults),
             no backward; on a decoder-only model the rows run only the positions after the first
-            removable token (a chat template's system prompt is computed once per pass). Off by
+            removable token (a chat template's system prompt is computed once per batch). Off by
             default (docs/monitoring.md has its cost).
         faithfulness_fractions: the top-k fractions of the context tokens averaged over (AOPC).
         faithfulness_ranking: ``"aggregated"`` (default) ranks the context tokens by their scores
