@@ -242,3 +242,29 @@ def test_layer_deeplift_equals_captum_per_step(hf_models):
         wrapper = StepProbability(ids[pos])
         ref = LayerDeepLift(wrapper, model.get_input_embeddings()).attribute(x, baselines=base)
         torch.testing.assert_close(out.target_attributions[:pos, k], ref[0].detach(), rtol=1e-3, atol=1e-8)
+
+
+def test_mc_dropout_as_attributed_fn_on_an_encoder_decoder_scales_each_steps_gradient():
+    """Encoder-decoder, ``attributed_fn="mc_dropout_prob_avg"``: the noisy forwards are taken without
+    gradient, so each step's saliency is the probability's times one positive factor per step (1 / the
+    step's std over the noisy forwards), the same at every source position and embedding dimension.
+    Differentiating through the noisy forwards, as inseq 0.7.1 does on encoder-decoders only (their noisy
+    forwards read the attributed embeddings; a decoder-only model's read ids), would break that
+    proportionality: here both architectures attribute the same function (README, "Coming from inseq")."""
+    from inseq_lightning.tiny_models import tiny_marian
+
+    model, tok = tiny_marian(dropout=0.3)
+    model.eval()
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    texts = ("Hello world", "Le chat est noir")
+    torch.manual_seed(5)
+    mcd = am.attribute(*texts, attributed_fn="mc_dropout_prob_avg", n_mcd_steps=4, show_progress=False)[0]
+    prob = am.attribute(*texts, show_progress=False)[0]
+    assert not any(m.training for m in model.modules())
+    ratio = mcd.source_attributions / prob.source_attributions  # [source, steps, hidden]
+    per_step = ratio[0, :, 0]
+    assert per_step.shape[0] == len(tok(text_target=texts[1])["input_ids"])
+    expected = prob.source_attributions * per_step[None, :, None]
+    torch.testing.assert_close(mcd.source_attributions, expected, rtol=1e-4,
+                               atol=1e-5 * float(mcd.source_attributions.abs().max()))
+    assert (per_step > 0).all() and per_step.std() / per_step.mean() > 0.05, "dropout noise must scale the steps"

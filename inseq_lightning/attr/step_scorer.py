@@ -166,8 +166,10 @@ class StepScorer:
         repeat = step_logits.shape[0] // self.batch.size
 
         def forward_again() -> torch.Tensor:
-            # noisy forwards (mc_dropout_prob_avg) of the real inputs, without gradient: as in inseq,
-            # the attributed value's gradient flows through the scored forward only
+            # noisy forwards (mc_dropout_prob_avg) of the real inputs, without gradient: the attributed
+            # value's gradient flows through the scored forward only, on every architecture (inseq 0.7.1
+            # does so on decoder-only models, whose noisy forwards read ids, but differentiates an
+            # encoder-decoder's, which read the attributed embeddings)
             with torch.no_grad():
                 fresh = self.real_step_logits()
             return fresh.repeat(repeat, 1, 1).reshape(-1, fresh.shape[-1])
