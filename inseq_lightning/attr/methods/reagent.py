@@ -16,9 +16,22 @@ logits initialised uniformly in ``[0, 1)``. A probing round:
 
 Rounds run until every probe of every step stopped or ``max_probe_steps`` rounds. A step's scores are
 the mean over its stopped probes of ``softmax(logits)`` over its context (over every probe if none
-stopped). Replacement tokens are uniform draws from the vocabulary without special tokens
-(``replacement="uniform"``; inseq draws from tokens with the original's part-of-speech tag, which needs
-a tagger downloaded at run time) or the UNK baseline (``replacement="unk"``).
+stopped).
+
+Replacement tokens (``replacement=``):
+
+- ``"uniform"`` (default): uniform draws from the vocabulary without special tokens.
+- ``"unk"``: the UNK baseline.
+- ``"pos_tag"``: as inseq's ``POSTagTokenSampler``: a replaced token is swapped for a uniform draw
+  among the *other* non-special vocabulary tokens with its tag. Every non-special vocabulary token's
+  text (the tokenizer's ``convert_tokens_to_string`` of that token alone, stripped) is tagged on its
+  own by ``tagger`` (a callable: list of strings -> list of tags, one per string), or, with
+  ``tagger=None``, by nltk's ``pos_tag`` (its English perceptron tagger, one token at a time as inseq
+  does) when ``nltk`` and its ``averaged_perceptron_tagger_eng`` data are installed; nothing is ever
+  downloaded: without them the call is refused with a typed error (install them, or pass ``tagger=``).
+  The tags are computed once per (tokenizer, tagger) and cached (pass the same callable object to reuse
+  them). A token without a group to draw from (a special token, or the only vocabulary token with its
+  tag) gets a uniform draw from the non-special vocabulary instead, as with ``"uniform"``.
 
 Batching: one update forward per round covers every probe and every step (the replaced subset of a
 probe is shared by all its steps: each step's context gets its own Bernoulli subset, restricted to its
@@ -28,6 +41,10 @@ batched forwards. Draws come from the method's own generator (``seed``).
 
 import functools
 import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -36,14 +53,14 @@ from ...utils.model_dims import model_dims
 from ..engine import EngineContext
 from .base import AttributionMethod, MethodResult, register_method
 
-__all__ = ["Reagent"]
+__all__ = ["PosTagTable", "Reagent", "pos_tag_replacements", "pos_tag_table"]
 
-REPLACEMENTS = ("uniform", "unk")
+REPLACEMENTS = ("uniform", "unk", "pos_tag")
 LOGIT_EPS = 1e-6  # logit(0.5 + delta / 2) is clamped to +-13.8 when |delta| reaches 1
 
 
 def _check(keep_top_n, keep_ratio, stopping_condition_top_k, replacing_ratio, max_probe_steps, num_probes,
-           replacement, rows_per_forward) -> None:
+           replacement, rows_per_forward, tagger=None) -> None:
     def positive_int(value, name):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidInputError(f"reagent: {name} must be a positive int, got {value!r}")
@@ -63,6 +80,168 @@ def _check(keep_top_n, keep_ratio, stopping_condition_top_k, replacing_ratio, ma
         raise InvalidInputError(f"reagent: replacing_ratio must be in (0, 1], got {replacing_ratio!r}")
     if replacement not in REPLACEMENTS:
         raise InvalidInputError(f"reagent: replacement must be one of {', '.join(REPLACEMENTS)}, got {replacement!r}")
+    if tagger is not None:
+        if replacement != "pos_tag":
+            raise InvalidInputError(f"reagent: tagger= is only used with replacement='pos_tag', got replacement="
+                                    f"{replacement!r}; drop tagger= or pass replacement='pos_tag'")
+        if not callable(tagger):
+            raise InvalidInputError(f"reagent: tagger must be a callable mapping a list of strings to a list of tags, "
+                                    f"got {type(tagger).__name__}")
+
+
+# ---- part-of-speech replacement -----------------------------------------------------------------
+NLTK_DATA = "averaged_perceptron_tagger_eng"
+MISSING_TAGGER = (
+    "reagent: replacement='pos_tag' needs a tagger: install nltk and its tagger data (pip install nltk, then "
+    f"python -c \"import nltk; nltk.download('{NLTK_DATA}')\"; nothing is downloaded at run time), or pass "
+    "tagger= (a callable mapping a list of token strings to a list of tags), or use replacement='uniform'"
+)
+
+
+class _NltkTagger:
+    """nltk's ``pos_tag`` of each string alone (as inseq tags its vocabulary), with one English perceptron
+    tagger loaded once (``pos_tag`` loads it again at every call)."""
+
+    def __init__(self, tagger):
+        self.tagger = tagger
+
+    def __call__(self, words: Sequence[str]) -> list[str]:
+        return [self.tagger.tag([word])[0][1] for word in words]
+
+
+_nltk_tagger: _NltkTagger | None = None
+
+
+def default_tagger() -> _NltkTagger:
+    """nltk's tagger when nltk and its ``averaged_perceptron_tagger_eng`` data are installed (looked up
+    locally, never downloaded); otherwise :class:`InvalidInputError` saying what to do. One object per
+    process, so that the vocabulary's tags are cached across calls."""
+    global _nltk_tagger
+    if _nltk_tagger is None:
+        try:
+            import nltk
+            from nltk.tag.perceptron import PerceptronTagger
+        except ImportError as error:
+            raise InvalidInputError(f"{MISSING_TAGGER} (nltk is not installed)") from error
+        try:
+            nltk.data.find(f"taggers/{NLTK_DATA}/")
+            tagger = PerceptronTagger()  # loads the local data only; raises LookupError when it is absent
+        except (LookupError, OSError) as error:
+            raise InvalidInputError(f"{MISSING_TAGGER} (nltk's {NLTK_DATA} data is not installed)") from error
+        _nltk_tagger = _NltkTagger(tagger)
+    return _nltk_tagger
+
+
+@dataclass(frozen=True)
+class PosTagTable:
+    """The vocabulary grouped by tag, for :func:`pos_tag_replacements` (CPU tensors; ``rows``: the input
+    embedding's rows, every id a model reads).
+
+    Attributes:
+        candidates: ``[K]`` the non-special vocabulary ids (the uniform fallback's pool).
+        members: ``[K]`` the same ids ordered by tag group.
+        offsets: ``[G]`` where each group starts in ``members``.
+        sizes: ``[G]`` each group's size.
+        group: ``[rows]`` each id's group (-1: special or out of the vocabulary).
+        rank: ``[rows]`` each id's place in its group (0 where ``group`` is -1).
+        tags: ``[G]`` the tag of each group.
+    """
+
+    candidates: torch.Tensor
+    members: torch.Tensor
+    offsets: torch.Tensor
+    sizes: torch.Tensor
+    group: torch.Tensor
+    rank: torch.Tensor
+    tags: tuple
+
+    def to(self, device) -> "PosTagTable":
+        move = lambda t: t.to(device)
+        return PosTagTable(move(self.candidates), move(self.members), move(self.offsets), move(self.sizes),
+                           move(self.group), move(self.rank), self.tags)
+
+
+def _candidates(tokenizer, rows: int) -> list[int]:
+    """The non-special vocabulary ids an embedding of ``rows`` rows reads."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    candidates = [i for i in range(min(len(tokenizer), rows)) if i not in special]
+    if not candidates:
+        raise InvalidInputError("reagent: the vocabulary has no non-special token to replace with; use "
+                                "replacement='unk'")
+    return candidates
+
+
+def _token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text alone (``convert_tokens_to_string`` of that token), stripped."""
+    texts = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        try:
+            text = tokenizer.convert_tokens_to_string([token]) if token is not None else ""
+        except Exception:  # noqa: BLE001 - a token the tokenizer cannot turn back into text: its own string
+            text = str(token or "")
+        texts.append(text.strip())
+    return texts
+
+
+_TABLES: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+TABLES_PER_TOKENIZER = 4  # (tagger, sizes) entries kept per tokenizer, least recently used dropped
+
+
+def pos_tag_table(tokenizer, rows: int, tagger: Callable[[list[str]], Sequence]) -> PosTagTable:
+    """The vocabulary's tag groups, tagged once per (tokenizer, tagger, vocabulary size, ``rows``) and
+    cached while the tokenizer lives (the same tagger object hits the cache)."""
+    try:
+        per_tokenizer = _TABLES.setdefault(tokenizer, OrderedDict())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
+        per_tokenizer = OrderedDict()
+    key = (tagger, len(tokenizer), rows)
+    table = per_tokenizer.get(key)
+    if table is not None:
+        per_tokenizer.move_to_end(key)
+        return table
+    candidates = _candidates(tokenizer, rows)
+    texts = _token_texts(tokenizer, candidates)
+    tags = tagger(texts)
+    try:
+        tags = list(tags)
+        index: dict = {}
+        groups = [index.setdefault(tag, len(index)) for tag in tags]
+    except TypeError as error:
+        raise InvalidInputError(f"reagent: tagger must return a list of hashable tags, got {type(tags).__name__} "
+                                f"({error})") from error
+    if len(groups) != len(texts):
+        raise InvalidInputError(f"reagent: tagger returned {len(groups)} tags for {len(texts)} token strings; it "
+                                "must return one tag per string")
+    ids = torch.tensor(candidates, dtype=torch.long)
+    group_of = torch.tensor(groups, dtype=torch.long)
+    order = torch.argsort(group_of, stable=True)
+    sizes = torch.bincount(group_of, minlength=len(index))
+    offsets = torch.cumsum(sizes, 0) - sizes
+    group = torch.full((rows,), -1, dtype=torch.long)
+    group[ids] = group_of
+    rank = torch.zeros(rows, dtype=torch.long)
+    rank[ids[order]] = torch.arange(len(candidates)) - offsets[group_of[order]]
+    table = PosTagTable(ids, ids[order], offsets, sizes, group, rank, tuple(index))
+    per_tokenizer[key] = table
+    while len(per_tokenizer) > TABLES_PER_TOKENIZER:
+        per_tokenizer.popitem(last=False)
+    return table
+
+
+def pos_tag_replacements(ids: torch.Tensor, table: PosTagTable, generator: torch.Generator) -> torch.Tensor:
+    """A replacement for every id of ``ids`` (any shape; ``table`` on its device): a uniform draw among the
+    other vocabulary ids with its tag, or from ``table.candidates`` when it has none (a special id, or the
+    only one with its tag). One draw per element from ``generator`` whatever the tags."""
+    draw = torch.randint(0, 2**62, ids.shape, generator=generator, dtype=torch.long).to(ids.device)
+    group = table.group[ids]
+    known = group >= 0
+    group = group.clamp(min=0)
+    others = torch.where(known, table.sizes[group] - 1, torch.zeros_like(group))  # same-tag ids but itself
+    pick = draw % others.clamp(min=1)
+    pick = pick + (pick >= table.rank[ids]).long()  # skip the id itself
+    same = table.members[(table.offsets[group] + pick).clamp(max=len(table.members) - 1)]
+    fallback = table.candidates[draw % len(table.candidates)]
+    return torch.where(others > 0, same, fallback)
 
 
 @register_method
@@ -79,9 +258,14 @@ class Reagent(AttributionMethod):
         replacing_ratio: probability that a context token is replaced in an update.
         max_probe_steps: most probing rounds.
         num_probes: independent probes per step, averaged.
-        replacement: ``"uniform"`` (random non-special vocabulary tokens) or ``"unk"`` (the UNK baseline).
+        replacement: ``"uniform"`` (random non-special vocabulary tokens), ``"unk"`` (the UNK baseline) or
+            ``"pos_tag"`` (random vocabulary tokens with the replaced token's tag; see the module docstring).
         seed: seed of the method's generator (None: drawn from torch's global RNG).
         rows_per_forward: rows per batched forward (None: from the memory budget).
+        tagger: with ``replacement="pos_tag"``, a callable mapping a list of token strings to a list of as many
+            hashable tags (None: nltk's ``pos_tag``, when nltk and its ``averaged_perceptron_tagger_eng`` data
+            are installed); an error with any other replacement.
+        kwargs: the engine's other arguments (not used by this method).
 
     The attributed side is the decoder-only model's sequence (prompt and prefix), an encoder-decoder's
     source, plus its target prefix with ``attribute_target=True`` (one distribution over both).
@@ -93,12 +277,15 @@ class Reagent(AttributionMethod):
     def attribute(self, ctx: EngineContext, keep_top_n: int | None = 5, keep_ratio: float | None = None,
                   invert_keep: bool = False, stopping_condition_top_k: int = 3, replacing_ratio: float = 0.3,
                   max_probe_steps: int = 3000, num_probes: int = 16, replacement: str = "uniform",
-                  seed: int | None = None, rows_per_forward: int | None = None, **kwargs) -> MethodResult:
+                  seed: int | None = None, rows_per_forward: int | None = None,
+                  tagger: Callable[[list[str]], Sequence] | None = None, **kwargs) -> MethodResult:
         _check(keep_top_n, keep_ratio, stopping_condition_top_k, replacing_ratio, max_probe_steps, num_probes,
-               replacement, rows_per_forward)
+               replacement, rows_per_forward, tagger)
+        if replacement == "pos_tag" and tagger is None:
+            tagger = default_tagger()  # refused here, before any forward, when nltk or its data is missing
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        probe = _Probing(ctx, num_probes, replacement, generator, rows_per_forward)
+        probe = _Probing(ctx, num_probes, replacement, generator, rows_per_forward, tagger)
         scores = probe.run(keep_top_n or 0, keep_ratio, invert_keep, stopping_condition_top_k, replacing_ratio,
                            max_probe_steps)  # [B, N, C]
         return MethodResult(*ctx.split(probe.sides(scores)))
@@ -109,22 +296,15 @@ class _Probing:
     encoder-decoder: the source, then the target when it is attributed)."""
 
     def __init__(self, ctx: EngineContext, num_probes: int, replacement: str, generator: torch.Generator,
-                 rows_per_forward: int | None):
+                 rows_per_forward: int | None, tagger: Callable[[list[str]], Sequence] | None = None):
         self.ctx, self.probes, self.generator = ctx, num_probes, generator
         batch = ctx.batch
-        encdec = ctx.adapter.is_encoder_decoder
         device = batch.target_ids.device
         positions, valid = ctx.positions, ctx.valid
         tokens_of = lambda length: torch.arange(length, device=device).view(1, 1, -1)
-        if encdec:
-            parts = [(batch.source_ids, batch.source_baseline_ids,
-                      (tokens_of(batch.source_ids.shape[1]) < ctx.visible_lengths(0).unsqueeze(-1)))]
-            if ctx.attribute_target:
-                parts.append((batch.target_ids, batch.target_baseline_ids,
-                              tokens_of(batch.target_ids.shape[1]) < positions.unsqueeze(-1)))
-        else:
-            parts = [(batch.target_ids, batch.target_baseline_ids,
-                      tokens_of(batch.target_ids.shape[1]) < positions.unsqueeze(-1))]
+        # each attributed side's ids, baseline ids and [B, N, length] mask of the tokens each step sees
+        parts = [(ids, base, tokens_of(ids.shape[1]) < ctx.visible_lengths(which).unsqueeze(-1))
+                 for which, (ids, base) in enumerate(ctx.adapter.attributed_token_ids(batch, ctx.attribute_target))]
         self.lengths = [ids.shape[1] for ids, _, _ in parts]
         self.ids = torch.cat([ids for ids, _, _ in parts], 1)  # [B, C]
         self.baseline = torch.cat([base for _, base, _ in parts], 1)
@@ -132,23 +312,21 @@ class _Probing:
         self.replaceable = self.context.any(1)  # [B, C]: in some step's context
         self.targets = batch.target_ids.gather(1, positions)  # [B, N]
         self.replacement = replacement
-        if replacement == "uniform":
+        if replacement != "unk":
             tokenizer = ctx.model.tokenizer
             layer = ctx.adapter.input_layer()
             rows = getattr(layer, "num_embeddings", None) or layer.weight.shape[0]
-            special = set(getattr(tokenizer, "all_special_ids", []) or [])
-            candidates = [i for i in range(min(len(tokenizer), rows)) if i not in special]
-            if not candidates:
-                raise InvalidInputError("reagent: the vocabulary has no non-special token to replace with; use "
-                                        "replacement='unk'")
-            self.candidates = torch.tensor(candidates, device=device)
+            if replacement == "pos_tag":
+                self.table = pos_tag_table(tokenizer, rows, tagger).to(device)
+            else:
+                self.candidates = torch.tensor(_candidates(tokenizer, rows), device=device)
         self.rows_per_forward = rows_per_forward or self._default_rows()
 
     def _default_rows(self) -> int:
         ctx = self.ctx
         dims = model_dims(ctx.model.model.config)
         hidden, vocab = dims.hidden, dims.vocab or 32000
-        length = self.ids.shape[1] + (ctx.batch.target_ids.shape[1] if ctx.adapter.is_encoder_decoder else 0)
+        length = ctx.adapter.forward_length(ctx.batch)
         # activations, the kept logits (at most every position) and the update's [rows, N, vocab] step logits
         per_row = (length * 16 * hidden + (ctx.batch.target_ids.shape[1] + ctx.num_steps) * vocab) * 4
         return max(ctx.batch.size, int(ctx.memory_budget_bytes // per_row))
@@ -158,6 +336,8 @@ class _Probing:
         """Replacement tokens for ids of shape ``[..., B, C]``."""
         if self.replacement == "unk":
             return self.baseline.expand(*shape)
+        if self.replacement == "pos_tag":
+            return pos_tag_replacements(self.ids.expand(*shape), self.table, self.generator)
         index = torch.randint(0, len(self.candidates), shape, generator=self.generator)
         return self.candidates[index.to(self.candidates.device)]
 
