@@ -166,40 +166,17 @@ def build_contrast_batch(wrapper, batch: "Batch", spec: ContrastSpec, indices: S
                          skip_special_tokens: bool) -> ContrastBatch:
     """Tokenize the contrast inputs of the sequences ``indices`` of the call into a :class:`ContrastBatch`."""
     from ..models.batch import pad_right
-    from ..models.tokenization import encode_input, encode_target
 
     special = wrapper.special_ids
-    adapter = wrapper.architecture
     targets, sources, aligned = [], [], []
     for row, i in enumerate(indices):
         own = batch.target_ids[row, : int(batch.target_mask[row].sum())].tolist()
         positions = batch.step_positions[row]
         pairs = spec.alignments[i] if spec.alignments is not None else None
-        if adapter.is_encoder_decoder:
-            src = spec.sources[i] if spec.sources is not None else input_texts[i]
-            sources.append(encode_input(wrapper, src, skip_special_tokens))
-            contrast = encode_target(wrapper, spec.targets[i], skip_special_tokens) if spec.targets else own
-        elif spec.sources is not None:
-            if spec.targets is not None:
-                raise InvalidInputError("On a decoder-only model contrast_sources is an alternative prompt for the "
-                                        "original continuation; to change both, pass only contrast_targets (full "
-                                        "texts, prompt included)")
-            # An alternative prompt followed by the original continuation, token for token.
-            prompt = encode_input(wrapper, spec.sources[i], skip_special_tokens)
-            cut = batch.prompt_lengths[row]
-            contrast = prompt + own[cut:]
-            pairs = [(p, len(prompt) + p - cut) for p in positions] if pairs is None else pairs
-        else:
-            text = spec.targets[i]
-            # Another prompt is fine when the alignments say which contrast token each step compares with
-            # (context attribution compares with the same output after a longer prompt).
-            if pairs is None and not text.startswith(input_texts[i]):
-                raise InvalidInputError(
-                    f"contrast_targets[{i}] does not start with its prompt {input_texts[i]!r}: on a decoder-only "
-                    "model a contrast target is the full text (prompt + alternative continuation); a contrast "
-                    "with another prompt needs contrast_targets_alignments"
-                )
-            contrast = encode_target(wrapper, text, skip_special_tokens)
+        source, contrast, pairs = wrapper.architecture.contrast_sequence(
+            wrapper, spec, i, input_texts[i], own, batch.prompt_lengths[row], positions, pairs, skip_special_tokens)
+        if source is not None:
+            sources.append(source)
         targets.append(contrast)
         aligned.append(align_positions(positions, len(own), len(contrast), pairs, f"contrast for input {i}"))
     tgt_ids, tgt_mask = pad_right(targets, special.pad)

@@ -23,22 +23,20 @@ Example:
 
 import copy
 import json
-import warnings
 from dataclasses import dataclass
 
-from ..attr.contrast import align_positions
 from ..attr.methods import get_method
 from ..attr.step_functions import get_step_function, list_step_functions, uses_contrast
 from ..data.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
 from ..errors import InvalidInputError, UnknownStepFunctionError
 from ..models import AttributionModel, load_model
-from ..models.tokenization import build_batch, encode_target, reused_tokenizations
+from ..models.tokenization import reused_tokenizations
 from ..utils.model_state import preserve_model_state
 from .args import AttributeContextArgs
+from .layout import context_layout
 from .output import AttributeContextOutput, CCIOutput
 from .texts import (
     bos_token,
-    concat_with_sep,
     contextless_output,
     filtered_tokens,
     format_template,
@@ -146,7 +144,7 @@ class _Cue:
 
 def _attribute(args: AttributeContextArgs, model: AttributionModel) -> tuple[AttributeContextOutput, float]:
     """Both steps; ``args`` (a copy) receives the output texts, as inseq's does."""
-    keep, sep, seq2seq = args.special_tokens_to_keep, args.decoder_input_output_separator, model.is_encoder_decoder
+    keep, sep, layout = args.special_tokens_to_keep, args.decoder_input_output_separator, context_layout(model)
     has_lang_tag = "tgt_lang" in args.tokenizer_kwargs
     if has_lang_tag and "forced_bos_token_id" not in args.generation_kwargs:
         lang_ids = getattr(model.tokenizer, "lang_code_to_id", None)
@@ -158,9 +156,8 @@ def _attribute(args: AttributeContextArgs, model: AttributionModel) -> tuple[Att
     args.output_context_text, args.output_current_text = prepare_outputs(
         model, args.input_context_text, input_full_text, args.output_context_text, args.output_current_text,
         args.output_template, args.handle_output_context_strategy, copy.deepcopy(args.generation_kwargs), keep, sep)
-    output_full_text = format_template(args.output_template, args.output_current_text, args.output_context_text)
-    if not seq2seq:
-        output_full_text = concat_with_sep(input_full_text, output_full_text, sep)
+    output_full_text = layout.full_output(
+        input_full_text, format_template(args.output_template, args.output_current_text, args.output_context_text), sep)
     input_context_tokens = (filtered_tokens(model, args.input_context_text, keep)
                             if args.input_context_text is not None else None)
     output_context_tokens = (filtered_tokens(model, args.output_context_text, keep, is_target=True)
@@ -168,10 +165,8 @@ def _attribute(args: AttributeContextArgs, model: AttributionModel) -> tuple[Att
     input_full_tokens = filtered_tokens(model, input_full_text, keep)
     output_full_tokens = filtered_tokens(model, output_full_text, keep, is_target=True)
     contextless_input = args.contextless_input_current_text.format(current=args.input_current_text)
-    contextless_current = args.contextless_output_current_text.format(current=args.output_current_text)
-    if not seq2seq:
-        contextless_input = concat_with_sep(contextless_input, "", sep)
-        contextless_current = contextless_input + contextless_current
+    contextless_input, contextless_current = layout.contextless_texts(
+        contextless_input, args.contextless_output_current_text.format(current=args.output_current_text), sep)
 
     # Part 1: context-sensitive token identification
     cti_out = _context_sensitivity(model, args.context_sensitivity_metric, contextless_input, contextless_current,
@@ -182,8 +177,8 @@ def _attribute(args: AttributeContextArgs, model: AttributionModel) -> tuple[Att
     start = int(has_lang_tag) + len(filtered_tokens(model, contextless_prefix, keep, is_target=True))
     cti_scores = cti_out.step_scores[args.context_sensitivity_metric][start:].tolist()
     cti_tokens = [t.token for t in cti_out.target][start + cti_out.attr_pos_start:]
-    if seq2seq:  # the EOS every encoder-decoder target ends with
-        cti_scores, cti_tokens = cti_scores[:-1], cti_tokens[:-1]
+    if layout.trailing_tokens:  # the EOS every encoder-decoder target ends with
+        cti_scores, cti_tokens = cti_scores[:-layout.trailing_tokens], cti_tokens[:-layout.trailing_tokens]
     ranked, threshold = rank_tokens(cti_tokens, cti_scores, args.context_sensitivity_std_threshold,
                                     args.context_sensitivity_topk)
     output = AttributeContextOutput(
@@ -193,16 +188,15 @@ def _attribute(args: AttributeContextArgs, model: AttributionModel) -> tuple[Att
 
     # Part 2: contextual cues imputation
     contrastive = args.attributed_fn is not None and uses_contrast(get_step_function(args.attributed_fn))
-    if contrastive and not seq2seq:  # inseq appends the prefix again for every token (the same text by default)
-        contextless_input = concat_with_sep(contextless_input, contextless_prefix, sep)
+    if contrastive:  # inseq appends the prefix again for every token (the same text by default)
+        contextless_input = layout.contrast_input(contextless_input, contextless_prefix, sep)
     # Where the current output starts among the full output's tokens, counted back with the CTI tokens: the
     # current output as the model reads it after the input. inseq counts the current output tokenized alone,
     # one token off when its first word tokenizes differently there (byte-level "thanked": t|h|anked alone,
     # Ġth|anked after a space; a lone Ġ before a generated word), and then attributes a neighbour of each
     # sensitive token.
     output_offset = len(output_full_tokens) - len(cti_tokens)
-    current_tokens = (filtered_tokens(model, args.output_current_text, keep, is_target=True) if seq2seq
-                      else output_full_tokens[output_offset:])
+    current_tokens = layout.current_tokens(model, args.output_current_text, output_full_tokens, output_offset, keep)
     cues = [_prepare_cue(model, args, rank, item, ranked, output_full_tokens, output_offset, current_tokens,
                          contextless_input if contrastive else None, has_lang_tag)
             for rank, item in enumerate(ranked)]
@@ -225,12 +219,8 @@ def _context_sensitivity(model: AttributionModel, metric: str, contextless_input
                          input_full_text: str, output_full_text: str) -> FeatureAttributionSequenceOutput:
     """Every output token's ``metric`` between the contextless prediction (attributed side) and the contextual
     one (contrast side, aligned right to left): a ``dummy`` attribution, two forwards."""
-    kwargs = {"contrast_targets": output_full_text}
-    if model.is_encoder_decoder:
-        kwargs["contrast_sources"] = input_full_text
-    else:  # a decoder-only contrast with another prompt: its positions are given
-        kwargs["contrast_targets_alignments"] = _right_aligned(model, [contextless_input.rstrip(" ")],
-                                                               [contextless_output], None, [output_full_text])
+    kwargs = context_layout(model).contrast_kwargs(model, [contextless_input.rstrip(" ")], [contextless_output], None,
+                                                   [input_full_text], [output_full_text])
     return model.attribute(contextless_input.rstrip(" "), contextless_output, method="dummy", step_scores=[metric],
                            show_progress=False, **kwargs)[0]
 
@@ -241,24 +231,23 @@ def _prepare_cue(model: AttributionModel, args: AttributeContextArgs, rank: int,
     """The contextual output up to a context-sensitive token, the position to attribute and, for a contrastive
     ``attributed_fn``, the contextless output it is compared with."""
     cti_idx, cti_score, cti_token = item
-    seq2seq, keep = model.is_encoder_decoder, args.special_tokens_to_keep
+    layout, keep = context_layout(model), args.special_tokens_to_keep
     end = output_offset + cti_idx + 1
     contextual_output = tokens_to_text(model, output_full_tokens[:end], skip_special_tokens=False).lstrip(" ")
     if not contextual_output:
-        output_tokens = [output_full_tokens[end - 1]] + ([pad_token(model)] if seq2seq else [])
+        output_tokens = [output_full_tokens[end - 1]] + ([pad_token(model)] if layout.pads_lone_token else [])
         contextual_output = tokens_to_text(model, output_tokens, skip_special_tokens=True)
     else:
-        output_tokens = text_to_tokens(model, contextual_output, as_targets=seq2seq)
-    bos = bos_token(model)
-    bos_offset = int(seq2seq or (output_tokens[0] == bos and bos not in keep))
+        output_tokens = text_to_tokens(model, contextual_output, as_targets=layout.targets_apart)
+    bos_offset = layout.start_offset(output_tokens[0], bos_token(model), keep)
     cue = _Cue(cti_idx, cti_score, cti_token, contextual_output, end - 1 + bos_offset + int(has_lang_tag))
     if contextless_input is not None:
         cue.contextless_output = contextless_output(
             model, contextless_input, current_tokens, cti_idx, len(ranked), args.contextless_output_next_tokens,
             args.prompt_user_for_contextless_output_next_tokens, rank, args.decoder_input_output_separator, keep,
             copy.deepcopy(args.generation_kwargs))
-        contextless_tokens = text_to_tokens(model, cue.contextless_output, as_targets=seq2seq)
-        last = -2 if seq2seq else -1  # encoder-decoder outputs end with EOS
+        contextless_tokens = text_to_tokens(model, cue.contextless_output, as_targets=layout.targets_apart)
+        last = -1 - layout.trailing_tokens  # the last token before an encoder-decoder's EOS
         cue.contrast_token = contextless_tokens[last]
         cue.force_inputs = args.attributed_fn == "kl_divergence" or output_tokens[last] == contextless_tokens[last]
     return cue
@@ -268,6 +257,7 @@ def _attribute_cues(model: AttributionModel, args: AttributeContextArgs, context
                     contextless_input: str | None, cues: list[_Cue]) -> list[FeatureAttributionSequenceOutput]:
     """The aggregated attribution of every cue's token, one batched call per ``contrast_force_inputs`` value."""
     results: dict[int, FeatureAttributionSequenceOutput] = {}
+    layout = context_layout(model)
     for force in sorted({cue.force_inputs for cue in cues}):
         group = [i for i, cue in enumerate(cues) if cue.force_inputs == force]
         inputs = [contextual_input] * len(group)
@@ -276,33 +266,14 @@ def _attribute_cues(model: AttributionModel, args: AttributeContextArgs, context
         kwargs = dict(args.attribution_kwargs)
         if contextless_input is not None:
             contrasts = [cues[i].contextless_output for i in group]
-            kwargs.update(contrast_targets=contrasts, contrast_force_inputs=force)
-            if model.is_encoder_decoder:
-                kwargs["contrast_sources"] = [contextless_input] * len(group)
-            else:
-                kwargs["contrast_targets_alignments"] = _right_aligned(model, inputs, outputs, starts, contrasts)
+            kwargs.update(layout.contrast_kwargs(model, inputs, outputs, starts, [contextless_input] * len(group),
+                                                 contrasts), contrast_force_inputs=force)
         out = model.attribute(inputs, outputs, method=args.attribution_method, attributed_fn=args.attributed_fn,
-                              attribute_target=model.is_encoder_decoder and args.has_output_context,
+                              attribute_target=layout.attribute_target_for_output_context and args.has_output_context,
                               attr_pos_start=starts, show_progress=False, **kwargs)
         for i, seq in zip(group, _aggregate(out, args), strict=True):
             results[i] = seq
     return [results[i] for i in range(len(cues))]
-
-
-def _right_aligned(model: AttributionModel, inputs: list[str], outputs: list[str], starts: list[int] | None,
-                   contrasts: list[str]) -> list[list[tuple[int, int]]]:
-    """inseq's default alignment as explicit pairs: the last attributed token of each output with the last
-    contrast token, and so on leftwards (a decoder-only contrast that does not start with its prompt needs them)."""
-    with warnings.catch_warnings():  # attribute() warns about token boundaries itself
-        warnings.simplefilter("ignore")
-        batch = build_batch(model, inputs, outputs, starts, None, False, False)
-    pairs = []
-    for i, positions in enumerate(batch.step_positions):
-        length = int(batch.target_mask[i].sum())
-        contrast_length = len(encode_target(model, contrasts[i], skip_special_tokens=False))
-        aligned = align_positions(positions, length, contrast_length, None, f"contrast of output {i}")
-        pairs.append(list(zip(positions, aligned, strict=True)))
-    return pairs
 
 
 def _aggregate(out: FeatureAttributionOutput, args: AttributeContextArgs) -> FeatureAttributionOutput:
@@ -323,19 +294,14 @@ def _context_scores(model: AttributionModel, args: AttributeContextArgs, seq: Fe
                     output_context_tokens: list[str] | None, has_lang_tag: bool
                     ) -> tuple[list[float] | None, list[float] | None]:
     """The scores of the input and output context tokens, at the attributed token (the first attributed step)."""
-    keep, seq2seq = args.special_tokens_to_keep, model.is_encoder_decoder
+    keep, layout = args.special_tokens_to_keep, context_layout(model)
     # The rows before the first text token: an encoder-decoder's decoder start token (and language tag), a
     # decoder-only model's BOS. inseq 0.7.1 skips only language tags, so it reads every context one row early
     # there (the start token's score first, the last context token's missing).
-    bos = bos_token(model)
-    lead = 1 + int(has_lang_tag) if seq2seq else int(seq.target[0].token == bos and bos not in keep)
+    lead = layout.context_lead(seq.target[0].token, bos_token(model), keep, has_lang_tag)
     input_scores = output_scores = None
     if args.has_input_context:
-        if seq2seq:
-            input_scores = seq.source_attributions[:, 0].tolist()
-            input_scores = input_scores[2:] if has_lang_tag else input_scores
-        else:
-            input_scores = seq.target_attributions[:, 0].tolist()[lead:]
+        input_scores = layout.input_context_scores(seq, lead, has_lang_tag)
         prefix = args.input_template.partition("{context}")[0]
         if "{current}" in prefix:
             prefix = prefix.format(current=args.input_current_text)
@@ -343,10 +309,7 @@ def _context_scores(model: AttributionModel, args: AttributeContextArgs, seq: Fe
         input_scores = input_scores[skip : skip + len(input_context_tokens)]
     if args.has_output_context:
         output_scores = seq.target_attributions[:, 0].tolist()[lead:]
-        prefix = args.output_template.partition("{context}")[0]
-        if not seq2seq and prefix:
-            prefix = args.decoder_input_output_separator + prefix
-        skip = len(filtered_tokens(model, prefix, keep, is_target=True))
-        skip += 0 if seq2seq else len(input_full_tokens)
+        skip = layout.output_context_skip(model, args.output_template.partition("{context}")[0], input_full_tokens,
+                                          args.decoder_input_output_separator, keep)
         output_scores = output_scores[skip : skip + len(output_context_tokens)]
     return input_scores, output_scores

@@ -16,6 +16,13 @@ from ..models.tokenization import encode_input, tokenize_ids
 from .args import HandleOutputContextSetting
 
 
+def context_layout(model):
+    """The model's :mod:`.layout` (imported here, at call time: the layouts use this module's helpers)."""
+    from .layout import context_layout as layout_of
+
+    return layout_of(model)
+
+
 # ---- tokens (inseq's HuggingfaceModel methods, on an AttributionModel) ------------------------------------------------
 def text_to_tokens(model, text: str, skip_special_tokens: bool = False, as_targets: bool = False) -> list[str]:
     """inseq's ``convert_string_to_tokens``: special tokens added unless ``skip_special_tokens``."""
@@ -36,7 +43,7 @@ def filtered_tokens(model, text: str, special_tokens_to_keep: list[str], replace
                     is_target: bool = False) -> list[str]:
     """The tokens of ``text`` without special tokens, except those in ``special_tokens_to_keep``."""
     special = set(model.tokenizer.all_special_tokens)
-    tokens = text_to_tokens(model, text, as_targets=is_target and model.is_encoder_decoder)
+    tokens = text_to_tokens(model, text, as_targets=is_target and context_layout(model).targets_apart)
     kept = [t for t in tokens if t not in special or t in special_tokens_to_keep]
     if replace_special_characters:
         kept = [t.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ") for t in kept]
@@ -75,8 +82,8 @@ def generate_text(model, model_input: str, special_tokens_to_keep: list[str], ou
         raise InvalidInputError(f"{type(model.model).__name__} cannot generate: pass output_current_text (and, "
                                 "for a contrastive attributed_fn, contextless_output_next_tokens) to force the outputs")
     ids = model.generate_ids([model_input], skip_special_tokens=False, **generation_kwargs)[0]
-    if output_generated_only and not model.is_encoder_decoder:
-        ids = ids[len(encode_input(model, model_input, skip_special_tokens=False)):]
+    if output_generated_only:
+        ids = context_layout(model).generated_part(ids, len(encode_input(model, model_input, skip_special_tokens=False)))
     text = model.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return tokens_to_text(model, filtered_tokens(model, text, special_tokens_to_keep, is_target=True),
                           skip_special_tokens=False)
@@ -111,22 +118,12 @@ def prepare_outputs(model, input_context_text: str | None, input_full_text: str,
     prefix = output_template.split("{context}" if use_out_ctx else "{current}")[0]
     current_prefix_template, suffix = output_template.split("{current}")
     separator = output_template.split("{context}")[1].split("{current}")[0] if use_out_ctx else None
-    model_input, current_prefix = input_full_text, prefix
-    if has_out_ctx and not has_out_curr:
-        current_prefix = current_prefix_template.strip().format(context=output_context_text)
-        if model.is_encoder_decoder:
-            decoder_ids = model.encode(current_prefix, as_targets=True, add_special_tokens=False).input_ids
-            if "forced_bos_token_id" in generation_kwargs:
-                decoder_ids[0, 0] = generation_kwargs["forced_bos_token_id"]
-            generation_kwargs["decoder_input_ids"] = decoder_ids
-        else:
-            # The model continues the output context and the template's separator before {current} (inseq strips
-            # it, then looks for the whole input in the generated tokens and fails).
-            context_part = current_prefix_template.format(context=output_context_text)
-            model_input = concat_with_sep(input_full_text, context_part, decoder_input_output_separator)
-            current_prefix = ""
-    elif not model.is_encoder_decoder:
-        model_input = concat_with_sep(input_full_text, "", decoder_input_output_separator)
+    continued = output_context_text if has_out_ctx and not has_out_curr else None
+    current_prefix = (current_prefix_template.strip().format(context=output_context_text) if continued is not None
+                      else prefix)
+    model_input, current_prefix = context_layout(model).generation_input(
+        model, input_full_text, current_prefix, continued, current_prefix_template, generation_kwargs,
+        decoder_input_output_separator)
     generated = _generate_model_output(model, model_input, generation_kwargs, special_tokens_to_keep,
                                        output_template, current_prefix, suffix)
     if has_out_ctx == use_out_ctx:
@@ -198,19 +195,11 @@ def contextless_output(model, input_current_text: str, current_tokens: list[str]
     if ask_user:
         next_token = _ask_for_next_token(model, current_tokens, cti_idx, special_tokens_to_keep)
     if isinstance(next_token, str):
-        first = text_to_tokens(model, next_token, as_targets=model.is_encoder_decoder)[0]
+        first = text_to_tokens(model, next_token, as_targets=context_layout(model).targets_apart)[0]
         return tokens_to_text(model, current_tokens[:cti_idx] + [first], skip_special_tokens=False).lstrip(" ")
     prefix = tokens_to_text(model, current_tokens[:cti_idx], skip_special_tokens=False).lstrip(" ")
-    if model.is_encoder_decoder:
-        generation_kwargs["max_new_tokens"] = 2  # the EOS encoder-decoders always end with, and the token
-        decoder_ids = model.encode(prefix, as_targets=True).input_ids
-        if int(decoder_ids[0, -1]) == model.special_ids.eos:
-            decoder_ids = decoder_ids[:, :-1]
-        generation_kwargs["decoder_input_ids"] = decoder_ids
-        model_input = input_current_text
-    else:
-        generation_kwargs["max_new_tokens"] = 1
-        model_input = concat_with_sep(input_current_text, prefix, decoder_input_output_separator)
+    model_input = context_layout(model).contextless_generation(model, input_current_text, prefix, generation_kwargs,
+                                                               decoder_input_output_separator)
     return generate_text(model, model_input, special_tokens_to_keep, output_generated_only=False, **generation_kwargs)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
+from ..errors import InvalidInputError
 from ..utils.kv_cache import cache_argument
 from .batch import Batch
 
@@ -77,6 +78,56 @@ class ArchitectureAdapter:
     def attributed_ids(self, batch: Batch, baseline: bool = False) -> torch.Tensor:
         """The ids whose embedding-layer output layer methods attribute."""
         return batch.target_baseline_ids if baseline else batch.target_ids
+
+    def attributed_token_ids(self, batch: Batch, attribute_target: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(ids, baseline ids)`` of each attributed side, in :meth:`attributed_embeddings` order (what
+        token-replacing methods perturb)."""
+        return [(batch.target_ids, batch.target_baseline_ids)]
+
+    def target_with_prompt(self, prompt: str, target: str | None) -> str | None:
+        """A forced target as :meth:`~inseq_lightning.models.AttributionModel.attribute` takes it: a
+        decoder-only target holds its prompt (prepended when the caller gave the continuation alone)."""
+        return target if target is None or target.startswith(prompt) else prompt + target
+
+    #: chat templates render this architecture's prompts (a decoder-only conversation)
+    renders_chat = True
+
+    def decoder(self) -> torch.nn.Module:
+        """The module that runs the attributed steps' blocks: the whole decoder-only model."""
+        return self.model
+
+    def contrast_sequence(self, wrapper, spec, i: int, input_text: str, own: list[int], prompt_length: int,
+                          positions: list[int], pairs: list[tuple[int, int]] | None, skip_special_tokens: bool
+                          ) -> tuple[list[int] | None, list[int], list[tuple[int, int]] | None]:
+        """``(contrast source ids or None, contrast target ids, alignments)`` of sequence ``i`` of a call with
+        contrast inputs ``spec`` (:class:`~inseq_lightning.attr.contrast.ContrastSpec`).
+
+        Decoder-only: ``contrast_sources`` is another prompt followed by the original continuation (``own``
+        after ``prompt_length``), aligned token for token; ``contrast_targets`` are full texts that start with
+        their prompt unless alignments say which contrast token each step compares with (context attribution
+        compares with the same output after a longer prompt)."""
+        from .tokenization import encode_input, encode_target
+
+        if spec.sources is not None:
+            if spec.targets is not None:
+                raise InvalidInputError("On a decoder-only model contrast_sources is an alternative prompt for the "
+                                        "original continuation; to change both, pass only contrast_targets (full "
+                                        "texts, prompt included)")
+            prompt = encode_input(wrapper, spec.sources[i], skip_special_tokens)
+            pairs = [(p, len(prompt) + p - prompt_length) for p in positions] if pairs is None else pairs
+            return None, prompt + own[prompt_length:], pairs
+        text = spec.targets[i]
+        if pairs is None and not text.startswith(input_text):
+            raise InvalidInputError(
+                f"contrast_targets[{i}] does not start with its prompt {input_text!r}: on a decoder-only "
+                "model a contrast target is the full text (prompt + alternative continuation); a contrast "
+                "with another prompt needs contrast_targets_alignments"
+            )
+        return None, encode_target(wrapper, text, skip_special_tokens), pairs
+
+    def encoder(self) -> torch.nn.Module | None:
+        """The encoder the decoder cross-attends to, or None."""
+        return None
 
     def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-attributed-input results (in :meth:`attributed_embeddings` order) -> (source, target)."""
@@ -243,6 +294,32 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
 
     def attributed_ids(self, batch: Batch, baseline: bool = False) -> torch.Tensor:
         return batch.source_baseline_ids if baseline else batch.source_ids
+
+    def attributed_token_ids(self, batch: Batch, attribute_target: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sides = [(batch.source_ids, batch.source_baseline_ids)]
+        return sides + [(batch.target_ids, batch.target_baseline_ids)] if attribute_target else sides
+
+    def target_with_prompt(self, prompt: str, target: str | None) -> str | None:
+        return target  # the target sequence alone
+
+    renders_chat = False
+
+    def decoder(self) -> torch.nn.Module:
+        return self.model.get_decoder()
+
+    def contrast_sequence(self, wrapper, spec, i: int, input_text: str, own: list[int], prompt_length: int,
+                          positions: list[int], pairs: list[tuple[int, int]] | None, skip_special_tokens: bool
+                          ) -> tuple[list[int] | None, list[int], list[tuple[int, int]] | None]:
+        """The contrast source (``contrast_sources``, else the input) and target (``contrast_targets``, else
+        the original target)."""
+        from .tokenization import encode_input, encode_target
+
+        source = encode_input(wrapper, spec.sources[i] if spec.sources is not None else input_text, skip_special_tokens)
+        target = encode_target(wrapper, spec.targets[i], skip_special_tokens) if spec.targets else own
+        return source, target, pairs
+
+    def encoder(self) -> torch.nn.Module | None:
+        return self.model.get_encoder()
 
     def split(self, results: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return results[0], results[1] if len(results) > 1 else None

@@ -47,7 +47,7 @@ class Lime(AttributionMethod):
                   seed: int | None = None, **kwargs) -> MethodResult:
         from torch.utils.data import DataLoader, TensorDataset
 
-        if ctx.attribute_target and ctx.adapter.is_encoder_decoder:
+        if len(ctx.adapter.attributed_token_ids(ctx.batch, ctx.attribute_target)) > 1:  # a target side apart
             raise InvalidInputError("lime attributes one input: use attribute_target=False (inseq refuses it too)")
         if mask_token not in ("unk", "pad"):
             raise InvalidInputError(f"mask_token must be 'unk' or 'pad', got {mask_token!r}")

@@ -149,13 +149,13 @@ def value_zeroing_sites(model: torch.nn.Module) -> dict[str, _Stack]:
     """The block stacks value zeroing patches: ``{"decoder": ...}`` (the decoder-only model's stack or an
     encoder-decoder's decoder, with its cross-attention sites). Raises :class:`InvalidInputError` for an
     architecture it cannot patch."""
-    config = model.config
-    if config.is_encoder_decoder:
-        stack = _find_stack(model, model.get_decoder(), config)
-        if any(site is None for site in stack.cross_sites):
-            raise _unsupported(model, "a decoder block without a cross-attention value projection")
-        return {"decoder": stack}
-    return {"decoder": _find_stack(model, model, config)}
+    from ...models.architectures import adapter_for
+
+    adapter = adapter_for(model)
+    stack = _find_stack(model, adapter.decoder(), model.config)
+    if adapter.encoder() is not None and any(site is None for site in stack.cross_sites):
+        raise _unsupported(model, "a decoder block without a cross-attention value projection")
+    return {"decoder": stack}
 
 
 def _units(value, n_layers: int, n_units: Callable[[int], int], what: str) -> dict[int, torch.Tensor | None]:
@@ -268,7 +268,8 @@ class ValueZeroing(AttributionMethod):
         self_units = _units(decoder_zeroed_units_indices, n_layers, lambda i: len(stack.self_sites[i].heads),
                             "decoder_zeroed_units_indices")
         cross_units = None
-        if ctx.adapter.is_encoder_decoder:
+        encoder = ctx.adapter.encoder()
+        if encoder is not None:
             cross_units = _units(cross_zeroed_units_indices, n_layers, lambda i: len(stack.cross_sites[i].heads),
                                  "cross_zeroed_units_indices")
         elif cross_zeroed_units_indices is not None:
@@ -280,7 +281,7 @@ class ValueZeroing(AttributionMethod):
         inputs = ctx.embeddings()
         batch = inputs[0].shape[0]
         results = []
-        if ctx.adapter.is_encoder_decoder:
+        if encoder is not None:  # the source is read through cross-attention
             sides = [(stack.cross_sites, cross_units, inputs[0].shape[1], 0)]
             if ctx.attribute_target:
                 sides.append((stack.self_sites, self_units, inputs[1].shape[1], 1))
@@ -336,8 +337,8 @@ class ValueZeroing(AttributionMethod):
             for layer, block in enumerate(stack.blocks):
                 handles.append(block.register_forward_hook(block_hook(layer)))
             handles.append(stack.module.register_forward_hook(stack_hook))
-            if ctx.adapter.is_encoder_decoder:
-                encoder = ctx.model.model.get_encoder()
+            encoder = ctx.adapter.encoder()
+            if encoder is not None:
                 handles.append(encoder.register_forward_hook(
                     lambda module, args, output: encoder_states.append(_first(output).detach())))
             with torch.no_grad():
