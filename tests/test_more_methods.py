@@ -14,6 +14,20 @@ TEXTS = {
 }
 
 
+def _both_sides(ours, ref) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (ours, inseq's) pairs of source and target maps; a side missing on one must be missing on the
+    other, and at least one side is there to compare."""
+    pairs = []
+    for side in ("source_attributions", "target_attributions"):
+        a, b = getattr(ours, side), getattr(ref, side)
+        assert (a is None) == (b is None), side
+        if b is not None:
+            assert a.shape == b.shape, side
+            pairs.append((a, b))
+    assert pairs
+    return pairs
+
+
 @pytest.mark.parametrize("family", list(TEXTS))
 def test_sequential_integrated_gradients_equals_inseq(hf_models, family):
     inseq = pytest.importorskip("inseq", reason="parity needs inseq 0.7.1")
@@ -76,10 +90,8 @@ def test_occlusion_sliding_windows_equal_inseq(hf_models, family, args):
         *TEXTS[family], attribution_args=dict(args), show_progress=False)[0]
     ref = inseq.load_model(inseq_reference(model), "occlusion", tokenizer=copy.deepcopy(tok)).attribute(
         *TEXTS[family], attribution_args=dict(args), show_progress=False)[0]
-    for side in ("source_attributions", "target_attributions"):
-        a, b = getattr(ours, side), getattr(ref, side)
-        if b is not None:
-            torch.testing.assert_close(a, b, equal_nan=True, atol=1e-6, rtol=1e-5)
+    for a, b in _both_sides(ours, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-6, rtol=1e-5)
 
 
 def test_occlusion_window_is_the_mean_change_over_the_windows_covering_a_token(hf_models):
@@ -164,12 +176,10 @@ def test_lime_equals_inseq_given_the_same_draws(hf_models, family):
     ref_model = inseq.load_model(inseq_reference(model), "lime", tokenizer=copy.deepcopy(tok))
     torch.manual_seed(0)
     ref = ref_model.attribute(*TEXTS[family], n_samples=20, show_progress=False)[0]
-    for side in ("source_attributions", "target_attributions"):
-        a, b = getattr(ours, side), getattr(ref, side)
-        if b is not None:
-            scale = b.abs().nan_to_num().max()
-            tolerance = 2e-3 if family == "marian" else 1e-5
-            torch.testing.assert_close(a / scale, b / scale, equal_nan=True, atol=tolerance, rtol=1e-4)
+    for a, b in _both_sides(ours, ref):
+        scale = b.abs().nan_to_num().max()
+        tolerance = 2e-3 if family == "marian" else 1e-5
+        torch.testing.assert_close(a / scale, b / scale, equal_nan=True, atol=tolerance, rtol=1e-4)
 
 
 def test_lime_is_repeatable_with_a_seed_and_leaves_the_global_rng_alone(hf_models):
@@ -200,11 +210,9 @@ def test_discretized_integrated_gradients_equals_inseq(hf_models, family, tmp_pa
         *TEXTS[family], **kwargs)[0]
     ref = inseq.load_model(inseq_reference(model), "discretized_integrated_gradients", tokenizer=copy.deepcopy(tok),
                            cache_dir=tmp_path, save_cache=False).attribute(*TEXTS[family], **kwargs)[0]
-    for side in ("source_attributions", "target_attributions"):
-        a, b = getattr(ours, side), getattr(ref, side)
-        if b is not None:
-            scale = b.abs().nan_to_num().max()
-            torch.testing.assert_close(a / scale, b / scale, equal_nan=True, atol=1e-5, rtol=1e-4)
+    for a, b in _both_sides(ours, ref):
+        scale = b.abs().nan_to_num().max()
+        torch.testing.assert_close(a / scale, b / scale, equal_nan=True, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.step_scores["probability"], ref.step_scores["probability"].float())
 
 
@@ -251,17 +259,114 @@ def test_attention_layers_and_heads_select_the_models_own_attention(hf_models):
         torch.testing.assert_close(agg[:p, n], col / col.sum(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("args", [{"layers": 5}, {"heads": [0, 9]}, {"layers": "all"}])
-def test_attention_selection_out_of_range_is_a_typed_error(hf_models, args):
-    from inseq_lightning.errors import InvalidInputError
+def _model_state(model: torch.nn.Module) -> tuple:
+    """Every submodule's training flag, every parameter's requires_grad, every module's forward
+    (pre-)hooks and the attention kernel."""
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
+            model.config._attn_implementation)
 
-    model, tok = hf_models["llama"]
+
+def _install_transformers_capture_hooks(model: torch.nn.Module, tok) -> None:
+    """transformers (5.x) registers its own inert output-capturing forward hooks, for good, on a model's
+    first ``output_attentions=True`` forward, whoever runs it: run one with the model itself, so that a
+    state taken afterwards holds every hook a correct attribution call may leave, and no other."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    ids = tok("Hello", return_tensors="pt").input_ids
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        model(input_ids=ids, output_attentions=True, **extra)
+    model.set_attn_implementation(implementation)
+
+
+def _mixed_state(model: torch.nn.Module) -> torch.nn.Module:
+    """Training on, one block in eval, a few parameters frozen: a state a reset to defaults would change."""
+    model.train()
+    next(m for m in model.modules() if m is not model and list(m.children())).eval()
+    for p in list(model.parameters())[::3]:
+        p.requires_grad_(False)
+    return model
+
+
+def test_attention_layers_and_heads_select_the_encoder_decoders_own_attention(hf_models):
+    """Encoder-decoder: ``layers=``/``heads=`` keep those decoder layers' and heads' cross-attention rows
+    (source) and, with ``attribute_target=True``, self-attention rows (target) of the model's own eager
+    forward (``output_attentions``, teacher-forced), read at the decoder position that predicts each step
+    (``[keys, steps, layers, heads]``, in the order asked for); the default aggregation is the mean over
+    heads, then layers, each column (source and target rows together) L1-normalized after each mean."""
+    model, tok = hf_models["marian"]
     model = copy.deepcopy(model).eval()
     am = il.load_model(model, "attention", tokenizer=tok)
+    texts = TEXTS["marian"]
+    out = am.attribute(*texts, layers=[-1, 0], heads=[3, 1], attribute_target=True, show_progress=False)[0]
+    src = torch.tensor([[t.id for t in out.source]])
+    tgt = torch.tensor([[t.id for t in out.target]])
     implementation = model.config._attn_implementation
-    with pytest.raises(InvalidInputError, match="layers|heads"):
-        am.attribute(*TEXTS["llama"], show_progress=False, **args)
-    assert model.config._attn_implementation == implementation
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        own = model(input_ids=src, decoder_input_ids=tgt, output_attentions=True)
+    model.set_attn_implementation(implementation)
+    cross = torch.stack([a[0] for a in own.cross_attentions])  # [layers, heads, Q, source keys]
+    self_ = torch.stack([a[0] for a in own.decoder_attentions])  # [layers, heads, Q, target keys]
+    assert cross.shape[:2] == (2, 4) and self_.shape[:2] == (2, 4)
+    # the selection is observable: the heads and layers asked for differ well above the tolerance
+    assert (cross[1, 3] - cross[0, 1]).abs().max() > 1e-3 and (self_[1, 3] - self_[1, 1]).abs().max() > 1e-3
+    positions = range(out.attr_pos_start, out.attr_pos_end)
+    assert out.attr_pos_start == 1 and out.attr_pos_end == tgt.shape[1]
+    assert out.source_attributions.shape == (src.shape[1], len(positions), 2, 2)
+    assert out.target_attributions.shape == (tgt.shape[1], len(positions), 2, 2)
+    for n, p in enumerate(positions):
+        for i, layer in enumerate((1, 0)):
+            for j, head in enumerate((3, 1)):
+                torch.testing.assert_close(out.source_attributions[:, n, i, j], cross[layer, head, p - 1])
+                torch.testing.assert_close(out.target_attributions[:p, n, i, j], self_[layer, head, p - 1, :p])
+        assert out.target_attributions[p:, n].isnan().all()  # keys the predicting position cannot see
+
+    ranged = am.attribute(*texts, layers=(1, 2), heads=(1, 3), show_progress=False)[0]  # (start, end) ranges
+    assert ranged.target_attributions is None
+    assert ranged.source_attributions.shape == (src.shape[1], len(positions), 1, 2)
+    for n, p in enumerate(positions):
+        torch.testing.assert_close(ranged.source_attributions[:, n, 0], cross[1, 1:3, p - 1].T)
+
+    agg = am.attribute(*texts, heads=[0, 2], attribute_target=True, show_progress=False)[0].aggregate()
+    for n, p in enumerate(positions):
+        column = torch.cat([cross[:, [0, 2], p - 1], self_[:, [0, 2], p - 1, :p]], -1).mean(1)  # [layers, keys]
+        column = column / column.sum(-1, keepdim=True)
+        column = column.mean(0)
+        column = column / column.sum()
+        torch.testing.assert_close(agg.source_attributions[:, n], column[: src.shape[1]], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(agg.target_attributions[:p, n], column[src.shape[1]:], rtol=1e-5, atol=1e-6)
+        assert agg.target_attributions[p:, n].isnan().all()
+
+
+@pytest.mark.parametrize("family", ["llama", "marian"])
+@pytest.mark.parametrize("args,match", [
+    ({"layers": 5}, r"layers=5 is out of range: the model has 2 layers"),
+    ({"layers": 2}, r"layers=2 is out of range"),
+    ({"layers": -3}, r"layers=-3 is out of range"),
+    ({"heads": [0, 9]}, r"heads=\[0, 9\] is out of range: the model has 4 heads"),
+    ({"heads": (2, 5)}, r"heads=\(2, 5\) is out of range"),
+    ({"layers": "all"}, r"layers must be an int"),
+])
+def test_attention_selection_out_of_range_is_a_typed_error(hf_models, family, args, match):
+    """Decoder-only and encoder-decoder (both sides attributed): a typed error naming the selection,
+    and the model left as it was (modes, requires_grad flags, no hooks, the attention kernel)."""
+    from inseq_lightning.errors import InvalidInputError
+
+    model, tok = hf_models[family]
+    model = _mixed_state(copy.deepcopy(model))
+    _install_transformers_capture_hooks(model, tok)
+    am = il.load_model(model, "attention", tokenizer=tok)
+    before = _model_state(model)
+    assert before[3] != "eager"
+    assert all(hook.__module__.startswith("transformers.")
+               for hooks, pre in before[2] for hook in [*hooks.values(), *pre.values()])
+    assert True in before[0] and False in before[0] and True in before[1] and False in before[1]
+    kwargs = {"attribute_target": True} if family == "marian" else {}
+    with pytest.raises(InvalidInputError, match=match):
+        am.attribute(*TEXTS[family], show_progress=False, **args, **kwargs)
+    assert _model_state(model) == before
 
 
 # Small arguments so that every method runs in seconds on the demo's quick model.

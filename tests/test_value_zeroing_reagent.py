@@ -111,10 +111,31 @@ def test_value_zeroing_selected_heads_and_layers():
     columns = torch.cat([torch.arange(2 * d + h * hd, 2 * d + (h + 1) * hd) for h in (0, 2)])
     _check_map(seq.target_attributions, _expected(model, None, target, 1, columns=columns), seq.attr_pos_start, 1)
     assert seq.target_attributions[:, :, 0].nan_to_num().abs().sum() == 0  # layer 0 not zeroed
+    # out of range: a typed error, and the model as it was (a state a reset to defaults would change)
+    model.train()
+    model.transformer.h[0].eval()
+    for p in list(model.parameters())[::3]:
+        p.requires_grad_(False)
+    before = _model_state(model)
+    assert True in before[0] and False in before[0] and True in before[1] and False in before[1]
+    # the only hooks are transformers' own inert output-capturing ones (registered for good by the
+    # ``output_hidden_states`` forwards of ``_expected`` above), none of this library's
+    assert all(hook.__module__.startswith("transformers.")
+               for hooks, pre in before[2] for hook in [*hooks.values(), *pre.values()])
     with pytest.raises(InvalidInputError, match="value heads"):
         wrapper.attribute(*DECODER_TEXTS, decoder_zeroed_units_indices=4)
+    assert _model_state(model) == before
     with pytest.raises(InvalidInputError, match="layers 0..1"):
         wrapper.attribute(*DECODER_TEXTS, decoder_zeroed_units_indices={2: 0})
+    assert _model_state(model) == before
+
+
+def _model_state(model) -> tuple:
+    """Every submodule's training flag, every parameter's requires_grad, every module's forward
+    (pre-)hooks and the attention kernel."""
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
+            model.config._attn_implementation)
 
 
 def test_value_zeroing_encoder_decoder_source_and_target():
