@@ -46,7 +46,9 @@ class AttributionCallback(MonitorCallbackBase, TrainerCallback, ExportableState)
         probes: a :class:`~inseq_lightning.monitor.ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of
             ``(prompt, target[, evidence])`` tuples, dicts or ``Probe`` objects.
         method, step_scores, method_kwargs, batch_size, strict, prefix: as for
-            :class:`~inseq_lightning.monitor.ProbeMonitor`.
+            :class:`~inseq_lightning.monitor.ProbeMonitor`; ``method="dummy"`` tracks the step scores
+            only (no attribution map: no map-based values, heatmaps or plugin map records, and
+            ``faithfulness=True``, alert rules on map-based values and the canary are refused).
         attribution_strategy: ``"eval"`` (default: right after each evaluation; warns with
             :class:`EvaluationCadenceWarning` when the trainer's ``eval_strategy`` is ``"no"``), ``"steps"``
             (every ``attribution_steps`` optimizer steps), ``"epoch"`` or ``"no"``.

@@ -27,7 +27,10 @@ class AttributionMonitor(MonitorCallbackBase, Callback):
     Args:
         probes: a :class:`~inseq_lightning.monitor.ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of
             ``(prompt, target[, evidence])`` tuples, dicts or ``Probe`` objects.
-        method: attribution method name.
+        method: attribution method name. ``"dummy"`` tracks the step scores only (no attribution map,
+            no backward: the cheapest monitor); map-based values, heatmaps and the plugin's map
+            records are then absent, and ``faithfulness=True``, alert rules on map-based values and the
+            canary of probes with a cue are refused (see :class:`~inseq_lightning.monitor.ProbeMonitor`).
         step_scores: step functions computed alongside (their means are logged as scalars).
         every_n_train_steps: attribute every N optimizer steps (at gradient-accumulation boundaries).
         every_n_epochs: attribute at the end of every N training epochs. Mutually exclusive with

@@ -21,7 +21,7 @@ from ..errors import InseqLightningError, InvalidInputError
 from ..models.attribution_model import AttributionModel
 from ..models.tokenization import tokens_before_char
 from ..utils.sharding import has_sharded_parameters
-from .alerts import AlertTracker, Stabilization, announce
+from .alerts import AlertRule, AlertTracker, Stabilization, announce
 from .chat import message_label, render_chat
 from .distributed import all_gather_objects, broadcast_from_zero, my_share, rank_and_world, root_parameters_gathered
 from .drift import AttributionMap, evidence_mass, map_drift
@@ -39,7 +39,7 @@ from .guards import attribution_guard
 from .history import DriftHistory
 from .probes import Probe, ProbeSet
 from .report import MonitorReport, ProbeResult
-from .values import LOGGED_VALUES, value_names
+from .values import LOGGED_VALUES, needs_map, value_names
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,46 @@ def _reusable_probabilities(wrapper: AttributionModel, seq, output: FeatureAttri
     return probability.float().tolist()
 
 
+def _check_step_scores_only(method: str, step_scores: Sequence[str], faithfulness: bool, alerts: Sequence,
+                            canary: bool) -> None:
+    """Refuse, when the monitor is built, what a method without maps (``dummy``) cannot give: at a
+    pass these would be silently empty, and an alert that never fires looks like a healthy run."""
+    instead = "or choose an attribution method (see list_feature_attribution_methods())"
+    if not step_scores:
+        raise InvalidInputError(f"method={method!r} computes step scores only, and step_scores is empty: there "
+                                f"would be nothing to log; give step_scores=('probability', ...), {instead}")
+    if faithfulness:
+        raise InvalidInputError(f"faithfulness=True measures each probe's attribution map, and method={method!r} "
+                                f"computes none: pass faithfulness=False, {instead}")
+    for rule in map(AlertRule.coerce, alerts):
+        read = [name for name in (rule.value, rule.other) if name is not None and needs_map(name)]
+        if read:
+            raise InvalidInputError(f"alert rule {rule.key!r} reads {', '.join(read)}, a value of the attribution map, "
+                                    f"and method={method!r} computes none: watch a step score instead (e.g. "
+                                    f"AlertRule('step_score/probability', 'below', 0.5)), {instead}")
+    if canary:
+        raise InvalidInputError(f"probes with a cue add the canary alert (cue_mass above evidence_mass, both read off "
+                                f"the attribution map), and method={method!r} computes none: pass canary_alert=False, "
+                                f"{instead}")
+
+
 class ProbeMonitor:
     """Attributes a fixed probe set on a live model and hands the results to sinks.
 
     Args:
         probes: a :class:`ProbeSet`, a ``.jsonl``/``.csv`` path, or a list of ``(prompt, target)``
             pairs, dicts or :class:`Probe` objects.
-        method: attribution method (see ``list_feature_attribution_methods()``).
-        step_scores: step functions computed alongside (see ``list_step_functions()``).
+        method: attribution method (see ``list_feature_attribution_methods()``). ``"dummy"`` computes
+            no attribution map, only the step scores: a cheap way to track each probe's probability,
+            entropy, ... during training (one forward per batch of probes, no backward). Every step-score
+            value is logged as with any method (``step_score/*``, ``step_score_change_{ref,prev}/*``);
+            the values read off a map (drift, evidence, cue and message mass, plausibility,
+            faithfulness, the stabilization point), heatmaps and the TensorBoard plugin's map records
+            are absent, and the HTML pages show the attributed tokens with their step scores. Settings
+            that read a map are refused with :class:`InvalidInputError` (``faithfulness=True``, an alert
+            rule on a map-based value, the canary of probes with a cue).
+        step_scores: step functions computed alongside (see ``list_step_functions()``); with
+            ``method="dummy"``, all there is to log, so at least one.
         method_kwargs: extra arguments of ``AttributionModel.attribute`` (e.g. ``n_steps``).
         batch_size: probes per forward pass.
         strict: raise :class:`MonitoringError` instead of warning when a probe or sink fails.
@@ -113,9 +145,8 @@ class ProbeMonitor:
                  alerts: Sequence = (), canary_alert: bool = True,
                  stabilization_metric: str = "cosine", stabilization_tolerance: float = 0.05):
         self.probes = ProbeSet.coerce(probes)
-        if get_method(method).granularity == "none":  # unknown names fail in get_method, listing the valid ones
-            raise InvalidInputError(f"method {method!r} computes no attributions, so there are no maps to monitor; "
-                                    "choose an attribution method (step scores are computed alongside any of them)")
+        # Unknown names fail in get_method, listing the valid ones; "dummy" computes no map.
+        self.maps = get_method(method).granularity != "none"
         for name in step_scores:
             get_step_function(name)
         if batch_size < 1:
@@ -133,7 +164,10 @@ class ProbeMonitor:
         self.set_extra_values(extra_values)
         self.last_means: dict[str, float] = {}
         self.history = DriftHistory()
-        self.alerts = AlertTracker(alerts, canary=canary_alert and any(p.cue for p in self.probes))
+        canary = canary_alert and any(p.cue for p in self.probes)
+        if not self.maps:  # before anything is built on settings that cannot work
+            _check_step_scores_only(method, self.step_scores, self.faithfulness, alerts, canary)
+        self.alerts = AlertTracker(alerts, canary=canary)
         self.stabilization = Stabilization(stabilization_metric, float(stabilization_tolerance))
         self.stop_requested = False  # an alert with stop_training fired at the last pass (on every rank)
         self._warned: set[str] = set()
@@ -149,7 +183,8 @@ class ProbeMonitor:
         self.extra_values = extra
         labels = [message_label(i, m["role"]) for probe in self.probes for i, m in enumerate(probe.messages)]
         self.value_names = tuple(value_names(self.step_scores, self.probes.generate, extra, dict.fromkeys(labels),
-                                             faithfulness=self.faithfulness, cue=any(p.cue for p in self.probes)))
+                                             faithfulness=self.faithfulness, cue=any(p.cue for p in self.probes),
+                                             maps=self.maps))
 
     def check_probes(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check, before training, what only the model and tokenizer can tell: conversations need a chat
@@ -200,6 +235,8 @@ class ProbeMonitor:
         stable = self.stabilization.step
         stable = (f"stable since step {stable} ({self.stabilization.describe()})" if stable is not None else
                   f"not stable ({self.stabilization.describe()} not reached at the last pass)")
+        if not self.maps:  # no map, no drift: "not stable" would read as a finding
+            stable = "step scores only (no attribution maps)"
         fired = self.alerts.fired
         alerts = ("no alert" if not fired else
                   f"{len(fired)} alert(s): " + "; ".join(f"{a.rule} on {a.probe} at step {a.step}" for a in fired))
@@ -232,7 +269,7 @@ class ProbeMonitor:
         prompts, targets, ends = [], [], []
         for probe in probes:
             if probe.is_chat:
-                if wrapper.is_encoder_decoder:
+                if not wrapper.architecture.renders_chat:
                     raise InvalidInputError(f"Probe {probe.name!r} is a conversation; chat templates render "
                                             "decoder-only prompts: give an encoder-decoder model plain texts")
                 rendered = render_chat(wrapper.tokenizer, probe.messages, None if self.probes.generate else probe.target)
@@ -241,14 +278,9 @@ class ProbeMonitor:
                 # Only the answer's content tokens are steps: the template's closing tokens stay out.
                 closed = self.probes.generate or self.probes.include_template_tokens
                 ends.append(None if closed else tokens_before_char(wrapper, rendered.full_text, rendered.answer_span[1]))
-            elif wrapper.is_encoder_decoder:
-                prompts.append(probe.prompt)
-                targets.append(probe.target)
-                ends.append(None)
             else:  # decoder-only targets may omit their prompt
                 prompts.append(probe.prompt)
-                targets.append(probe.target if probe.target is None or probe.target.startswith(probe.prompt)
-                               else probe.prompt + probe.target)
+                targets.append(wrapper.architecture.target_with_prompt(probe.prompt, probe.target))
                 ends.append(None)
         if self.probes.generate:
             targets = None  # attribute() generates and keeps the generated ids
@@ -414,7 +446,7 @@ class ProbeMonitor:
                 self._fail(f"probe:{probe.name}", f"Probe {probe.name!r} could not be summarised", error)
         self.history.last_step[stage] = step
         report = MonitorReport(step, epoch, stage, self.method, self.prefix, results, skipped, seconds,
-                               value_names=self.value_names)
+                               value_names=self.value_names, maps=self.maps)
         if stage == "fit" and results:  # validate/test passes are snapshots: they move no counter
             report.stabilization_step = self.stabilization.add(step, report.means())
             report.alerts = self.alerts.evaluate(report)
@@ -426,10 +458,36 @@ class ProbeMonitor:
         seq = output.sequence_attributions[0]
         aggregated = seq.aggregate()
         scores = {name: float(values.float().mean()) for name, values in aggregated.step_scores.items()}
-        current = AttributionMap.from_sequence(aggregated)
         result = ProbeResult(probe, output, aggregated, scores)
+        # A method without maps (dummy) gives step scores only: no value below is read off a map for it.
+        current = AttributionMap.from_sequence(aggregated) if self.maps else None
+        if current is not None:
+            self._map_values(result, current, tokenizer)
+        result.faithfulness = dict(output.info.get("faithfulness") or {})
+        if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
+            self._extra_values(result)
+            return result
+        history = self.history.probe(probe.name)
+        if history.reference_step is not None:
+            result.reference_step, result.previous_step = history.reference_step, history.previous_step
+            if current is not None and history.reference is not None and history.previous is not None:
+                result.drift_reference = self._drift(current, history.reference)
+                result.drift_previous = self._drift(current, history.previous)
+            result.score_change_reference = _changes(scores, history.reference_scores)
+            result.score_change_previous = _changes(scores, history.previous_scores)
+        else:
+            history.reference, history.reference_step, history.reference_scores = current, step, scores
+        history.previous, history.previous_step, history.previous_scores = current, step, scores
+        self._extra_values(result)
+        history.rows.append({"step": step, **{k: round(v, 6) for k, v in result.scalars().items()}})
+        return result
+
+    def _map_values(self, result: ProbeResult, current: AttributionMap, tokenizer: PreTrainedTokenizerBase) -> None:
+        """The values read off the probe's map: which message the answer comes from (conversations), the
+        evidence's mass and plausibility, the cue's mass."""
+        probe, output = result.probe, result.output
         full_text = (output.info.get("generated_texts") or [None])[0]
-        source_ids = [t.id for t in seq.source]
+        source_ids = [t.id for t in output.sequence_attributions[0].source]
         if probe.is_chat:
             rendered = render_chat(tokenizer, probe.messages, None)
             prompt_text = rendered.prompt_text
@@ -460,23 +518,6 @@ class ProbeMonitor:
             else:
                 result.cue_mass = evidence_mass(current, rows)
                 result.cue_rows = tuple(rows)
-        result.faithfulness = dict(output.info.get("faithfulness") or {})
-        if stage != "fit":  # validate/test passes are snapshots; the drift history belongs to training
-            self._extra_values(result)
-            return result
-        history = self.history.probe(probe.name)
-        if history.reference is not None:
-            result.reference_step, result.previous_step = history.reference_step, history.previous_step
-            result.drift_reference = self._drift(current, history.reference)
-            result.drift_previous = self._drift(current, history.previous)
-            result.score_change_reference = _changes(scores, history.reference_scores)
-            result.score_change_previous = _changes(scores, history.previous_scores)
-        else:
-            history.reference, history.reference_step, history.reference_scores = current, step, scores
-        history.previous, history.previous_step, history.previous_scores = current, step, scores
-        self._extra_values(result)
-        history.rows.append({"step": step, **{k: round(v, 6) for k, v in result.scalars().items()}})
-        return result
 
     def _extra_values(self, result: ProbeResult) -> None:
         # Computed last, so a user value can read the drift and evidence of the same pass.

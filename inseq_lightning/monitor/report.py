@@ -16,7 +16,8 @@ class ProbeResult:
     Attributes:
         probe: the probe.
         output: the raw attribution (one sequence), loadable with ``FeatureAttributionOutput.load``.
-        aggregated: the aggregated, normalized sequence used for drift, tables, HTML and figures.
+        aggregated: the aggregated, normalized sequence used for drift, tables, HTML and figures
+            (with ``method="dummy"``: tokens and step scores, no attribution map).
         step_scores: mean of each step score over the attributed tokens.
         drift_reference, drift_previous: drift metrics against the first and the previous pass, and
             what they cover (``tokens_compared``, ``tokens_undefined``; in generate mode also
@@ -97,6 +98,9 @@ class MonitorReport:
     # stabilization point so far (None: the maps are not stable at this pass), logged as mean/stabilization_step.
     alerts: list = field(default_factory=list)
     stabilization_step: int | None = None
+    # False when the method computes no attribution map (``method="dummy"``): the results hold step
+    # scores only, so the sinks draw no heatmap, write no map record and declare no map-based column.
+    maps: bool = True
 
     def means(self) -> dict[str, float]:
         """Each value over probes (``mean/<name>``), pooled as :mod:`.values` defines it: a mean over

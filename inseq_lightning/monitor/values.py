@@ -6,11 +6,15 @@ Every tracker is a projection of these definitions: TensorBoard and W&B scalars,
 (relative to ``<prefix>/<probe>/`` and ``<prefix>/mean/``) and the same means over probes.
 A new value is added here (and computed in :class:`~inseq_lightning.monitor.ProbeMonitor`), or
 per monitor with ``ProbeMonitor(extra_values={...})``; every sink then carries it.
+
+A value read off the attribution map (drift, evidence, cue and message mass, faithfulness, the
+stabilization point) is marked ``needs_map``: a monitor whose method computes no map
+(``method="dummy"``: step scores only) neither declares nor logs it.
 """
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .drift import DRIFT_COVERAGE, DRIFT_METRICS
 
@@ -29,12 +33,15 @@ class LoggedValue:
             the run): the ``mode`` to give ``EarlyStopping`` / ``greater_is_better`` to the HF Trainer.
         pooling: how ``mean/<name>`` combines the probes: ``"mean"`` over the probes where the value
             is defined, ``"sum"`` for counts, ``"none"`` for a value of the pass itself (mean row only).
+        needs_map: computed from the attribution map, so absent when the method computes none
+            (``method="dummy"``); step scores and their changes need only the forward pass.
     """
 
     name: str
     meaning: str
     better: str | None = None
     pooling: str = "mean"
+    needs_map: bool = False
 
 
 _DRIFT_MEANINGS = {
@@ -74,10 +81,12 @@ FAITHFULNESS_VALUES = {
 
 
 def _definitions() -> dict[str, LoggedValue]:
-    values = [
+    scores = [
         LoggedValue("step_score/*", "mean of a step function over the attributed tokens"),
         LoggedValue("step_score_change_ref/*", "change of that mean since the first pass"),
         LoggedValue("step_score_change_prev/*", "change of that mean since the previous pass"),
+    ]
+    on_map = [
         LoggedValue("evidence_mass", "share of absolute attribution on the probe's evidence tokens", HIGHER),
         LoggedValue("evidence_average_precision", "area under the precision-recall curve (average precision) of the "
                                                   "context tokens' attribution, summed over attributed tokens, "
@@ -93,14 +102,15 @@ def _definitions() -> dict[str, LoggedValue]:
     for drift, against in _AGAINST.items():
         for metric in (*DRIFT_METRICS, *DRIFT_COVERAGE):
             meaning, better = _DRIFT_MEANINGS[metric]
-            values.append(LoggedValue(f"{drift}/{metric}", f"{meaning}; against {against}", better,
+            on_map.append(LoggedValue(f"{drift}/{metric}", f"{meaning}; against {against}", better,
                                       "sum" if metric in _COUNTS else "mean"))
-        values.append(LoggedValue(f"{drift}/probes_compared",
+        on_map.append(LoggedValue(f"{drift}/probes_compared",
                                   f"probes with at least one token compared against {against} (mean row only)",
                                   None, "sum"))
-    values.append(LoggedValue(STABILIZATION_STEP, "the step of the first pass after which the mean drift against "
+    on_map.append(LoggedValue(STABILIZATION_STEP, "the step of the first pass after which the mean drift against "
                                                   "the previous pass stayed within tolerance (mean row only; see "
                                                   "monitor.alerts.Stabilization)", None, "none"))
+    values = [*scores, *(replace(v, needs_map=True) for v in on_map)]
     return {v.name: v for v in values}
 
 
@@ -116,7 +126,8 @@ def definition(name: str) -> LoggedValue:
     if f"{family}/*" in LOGGED_VALUES:
         base = LOGGED_VALUES[f"{family}/*"]
         better = _STEP_SCORE_BETTER.get(leaf) if family == "step_score" else None
-        return LoggedValue(name, base.meaning.replace("a step function", f"step function {leaf!r}"), better)
+        return LoggedValue(name, base.meaning.replace("a step function", f"step function {leaf!r}"), better,
+                           needs_map=base.needs_map)
     if name == SECONDS.name:
         return SECONDS
     return LoggedValue(name, "user value (ProbeMonitor(extra_values=...))")
@@ -130,11 +141,19 @@ def pool(name: str, values: Iterable[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
+def needs_map(name: str) -> bool:
+    """Whether a logged value (relative name) is read off the attribution map (see :class:`LoggedValue`)."""
+    return definition(name).needs_map
+
+
 def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str] = (),
-                messages: Iterable[str] = (), faithfulness: bool = False, cue: bool = False) -> list[str]:
+                messages: Iterable[str] = (), faithfulness: bool = False, cue: bool = False,
+                maps: bool = True) -> list[str]:
     """Every per-probe value a monitor with these step scores (conversations with these message
-    labels, faithfulness on or off, probes with a cue or not) can log, in a stable order (the columns
-    of ``drift.csv`` and of the W&B table)."""
+    labels, faithfulness on or off, probes with a cue or not, a method that computes maps or not) can
+    log, in a stable order (the columns of ``drift.csv`` and of the W&B table). ``maps=False``
+    (``method="dummy"``) leaves out every value that needs a map, rather than declaring columns that
+    would never be filled."""
     names = [f"step_score/{s}" for s in step_scores]
     for drift in _AGAINST:
         names += [f"{drift}/{m}" for m in DRIFT_METRICS]
@@ -146,10 +165,14 @@ def value_names(step_scores: Iterable[str], generate: bool, extra: Iterable[str]
     names += [f"message_mass/{label}" for label in messages]
     if faithfulness:
         names += list(FAITHFULNESS_VALUES)
-    names += [n for n in extra if n not in names]
+    if not maps:
+        names = [n for n in names if not needs_map(n)]
+    names += [n for n in extra if n not in names]  # user values: whatever their function reads
     return names
 
 
-def mean_only_names() -> list[str]:
-    """Values that exist only on the mean row (counts over probes)."""
-    return [*(f"{drift}/probes_compared" for drift in _AGAINST), STABILIZATION_STEP]
+def mean_only_names(maps: bool = True) -> list[str]:
+    """Values that exist only on the mean row (counts over probes); with ``maps=False`` none (they
+    all count or summarise drift)."""
+    names = [*(f"{drift}/probes_compared" for drift in _AGAINST), STABILIZATION_STEP]
+    return names if maps else [n for n in names if not needs_map(n)]

@@ -36,7 +36,7 @@ class FileSink(Sink):
         path = self.root / "drift.csv"
         rows = [{k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
                 for row in report.rows()]
-        columns = [*_KEYS, *report.value_names, *mean_only_names(), "seconds"]
+        columns = [*_KEYS, *report.value_names, *mean_only_names(report.maps), "seconds"]
         columns += [k for row in rows for k in row if k not in columns]
         columns = list(dict.fromkeys(columns))
         existing: list[dict] = []

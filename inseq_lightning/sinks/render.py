@@ -50,7 +50,8 @@ def _grid_label(label: str, continues: bool) -> str:
 
 def markdown_table(result: ProbeResult, step: int) -> str:
     """Rows: context tokens; columns: generated tokens; the top-3 cells of each column in bold;
-    then one row per step score, and a drift summary line."""
+    then one row per step score, and a drift summary line (without a map, ``method="dummy"``: the
+    step-score rows only)."""
     grid = build_grid(result.aggregated)
     header = "| token | " + " | ".join(map(_grid_label, grid.column_labels, grid.column_continues)) + " |"
     lines = [f"**{markdown_token(result.probe.name)}** at step {step}", "", header,
@@ -82,10 +83,11 @@ def markdown_table(result: ProbeResult, step: int) -> str:
     if result.message_mass:  # a conversation: which message the answer comes from
         shares = ", ".join(f"{markdown_token(label)} {value:.3f}" for label, value in result.message_mass.items())
         lines += ["", f"Attribution per message: {shares}"]
-    legend = f"Bold: the top {TOP_K} tokens of each column."
-    if result.evidence_rows:
-        legend += " ▸: the probe's evidence tokens."
-    lines += ["", legend]
+    if grid.row_labels:  # method="dummy" has no map: the table is the step-score rows alone
+        legend = f"Bold: the top {TOP_K} tokens of each column."
+        if result.evidence_rows:
+            legend += " ▸: the probe's evidence tokens."
+        lines += ["", legend]
     return "\n".join(lines)
 
 
@@ -177,7 +179,7 @@ def _finite(value: float) -> float | None:
 
 def table_columns(report: MonitorReport) -> list[str]:
     """The W&B table's columns: step, stage, probe and every value the monitor logs (names as in the scalars)."""
-    return ["step", "stage", "probe", *report.value_names, *mean_only_names(), "seconds"]
+    return ["step", "stage", "probe", *report.value_names, *mean_only_names(report.maps), "seconds"]
 
 
 def table_rows(report: MonitorReport, columns: list[str]) -> list[list]:

@@ -75,11 +75,12 @@ class TensorBoardSink(Sink):
             base = f"{report.prefix}/{result.probe.name}"
             if self.log_text:
                 self.writer.add_text(f"{base}/table", markdown_table(result, step), step)
-            if self.log_figures:
+            if self.log_figures and report.maps:  # method="dummy": no map to draw
                 self._add_png(f"{base}/heatmap", result_image(result, report), step)
-            if self.log_html:
+            if self.log_html:  # without maps, the page shows the tokens and their step scores
                 pages[result.probe.name] = result_html(result, report)
-                maps[result.probe.name] = map_record(result, report)
+                if report.maps:  # the compare view compares maps: a page without one has no record
+                    maps[result.probe.name] = map_record(result, report)
         if pages:
             write_plugin_html(self.log_dir, report, pages, maps)
         if report.alerts:  # the Text tab, whatever log_text says: an alert is never optional

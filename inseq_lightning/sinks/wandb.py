@@ -49,7 +49,7 @@ class WandbSink(Sink):
             base = f"{report.prefix}/{result.probe.name}"
             if self.log_html:
                 entry[f"{base}/html"] = wandb.Html(result_html(result, report), inject=False, data_is_not_path=True)
-            if self.log_figures:
+            if self.log_figures and report.maps:  # method="dummy": no map to draw
                 entry[f"{base}/heatmap"] = wandb.Image(result_image(result, report))
         if self.log_table and report.results:
             tables = self._tables.setdefault(report.prefix, {})
