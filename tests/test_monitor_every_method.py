@@ -115,10 +115,6 @@ def test_dummy_logs_tokens_and_step_scores_but_no_heatmap_or_map_record(every_ru
 
 
 # ---- what cannot work without a map is refused when the monitor is built --------------------------------------------
-def _model_state(model: torch.nn.Module) -> tuple:
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
-
-
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"faithfulness": True}, "faithfulness=False"),
     ({"alerts": [AlertRule("evidence_mass", "below", 0.1)]}, "reads evidence_mass.*step score"),
@@ -129,16 +125,11 @@ def _model_state(model: torch.nn.Module) -> tuple:
     ({"step_scores": ()}, "nothing to log"),
 ])
 @pytest.mark.parametrize("build", [ProbeMonitor, AttributionMonitor, AttributionCallback])
-def test_dummy_refuses_what_needs_a_map_and_leaves_the_model_as_it_was(build, kwargs, match):
-    model, _ = load_tiny()
-    model.train()
-    model.transformer.wte.weight.requires_grad_(False)  # a frozen embedding, as with adapters
-    model.transformer.h[0].eval()
-    before = _model_state(model)
+def test_dummy_refuses_what_needs_a_map_when_the_monitor_is_built(build, kwargs, match):
+    """Refused in the constructor, before any model is seen (so before training starts)."""
     kwargs = {"probes": make_chat_probes(n=2), **kwargs}
     with pytest.raises(InvalidInputError, match=match):
         build(kwargs.pop("probes"), method="dummy", **kwargs)
-    assert _model_state(model) == before
 
 
 def test_dummy_accepts_step_score_alerts_and_a_cue_without_the_canary():
@@ -151,3 +142,32 @@ def test_dummy_accepts_step_score_alerts_and_a_cue_without_the_canary():
                                         for s in ("probability", "entropy")}
     assert {n for n, v in LOGGED_VALUES.items() if not v.needs_map} == {
         "step_score/*", "step_score_change_ref/*", "step_score_change_prev/*"}
+
+
+def test_dummy_logs_each_step_scores_change_between_passes():
+    """Two passes of a step-scores-only monitor on a model that changed in between: the logged change of
+    each probe's probability against the previous pass is the difference of the two passes' values."""
+    model, tokenizer = load_tiny()
+    monitor = ProbeMonitor(make_chat_probes(n=2), method="dummy", step_scores=("probability",))
+    first = monitor.run(model, tokenizer, step=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a different model at the second pass
+    second = monitor.run(model, tokenizer, step=1)
+    for before, after in zip(first.results, second.results, strict=True):
+        scalars = after.scalars()
+        change = after.step_scores["probability"] - before.step_scores["probability"]
+        assert abs(change) > 1e-6
+        assert scalars["step_score_change_prev/probability"] == pytest.approx(change, rel=1e-6, abs=1e-9)
+        assert not any(needs_map(name) for name in scalars)
+
+
+def test_a_state_saved_by_another_method_is_refused():
+    """A dummy monitor's state holds no maps; another method's maps are not this method's: resuming either
+    into a monitor of another method would silently compare nothing (or the wrong maps)."""
+    model, tokenizer = load_tiny()
+    dummy = ProbeMonitor(make_chat_probes(n=2), method="dummy", prefix="shared")
+    dummy.run(model, tokenizer, step=0)
+    saliency = ProbeMonitor(make_chat_probes(n=2), method="saliency", prefix="shared")
+    with pytest.raises(InvalidInputError, match="saved by a 'dummy' monitor.*another prefix"):
+        saliency.load_state_dict(dummy.state_dict())
+    ProbeMonitor(make_chat_probes(n=2), method="dummy", prefix="shared").load_state_dict(dummy.state_dict())

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from model_state import model_state
 
 import inseq_lightning as il
 
@@ -259,14 +260,6 @@ def test_attention_layers_and_heads_select_the_models_own_attention(hf_models):
         torch.testing.assert_close(agg[:p, n], col / col.sum(), rtol=1e-5, atol=1e-6)
 
 
-def _model_state(model: torch.nn.Module) -> tuple:
-    """Every submodule's training flag, every parameter's requires_grad, every module's forward
-    (pre-)hooks and the attention kernel."""
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
-            model.config._attn_implementation)
-
-
 def _install_transformers_capture_hooks(model: torch.nn.Module, tok) -> None:
     """transformers (5.x) registers its own inert output-capturing forward hooks, for good, on a model's
     first ``output_attentions=True`` forward, whoever runs it: run one with the model itself, so that a
@@ -358,7 +351,7 @@ def test_attention_selection_out_of_range_is_a_typed_error(hf_models, family, ar
     model = _mixed_state(copy.deepcopy(model))
     _install_transformers_capture_hooks(model, tok)
     am = il.load_model(model, "attention", tokenizer=tok)
-    before = _model_state(model)
+    before = model_state(model)
     assert before[3] != "eager"
     assert all(hook.__module__.startswith("transformers.")
                for hooks, pre in before[2] for hook in [*hooks.values(), *pre.values()])
@@ -366,4 +359,4 @@ def test_attention_selection_out_of_range_is_a_typed_error(hf_models, family, ar
     kwargs = {"attribute_target": True} if family == "marian" else {}
     with pytest.raises(InvalidInputError, match=match):
         am.attribute(*TEXTS[family], show_progress=False, **args, **kwargs)
-    assert _model_state(model) == before
+    assert model_state(model) == before

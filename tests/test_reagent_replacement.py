@@ -140,8 +140,31 @@ def test_reagent_pos_tag_replaces_within_tags_and_scores_are_distributions(pair,
     # the vocabulary is tagged once per (tokenizer, tagger), not per call or round
     wrapper.attribute(*texts, replacement="pos_tag", tagger=tagger, seed=1, **ARGS, **kwargs)
     assert tagger.calls == 1
-    wrapper.attribute(*texts, replacement="pos_tag", tagger=CountingTagger(), seed=1, **ARGS, **kwargs)
-    assert tagger.calls == 1
+    other = CountingTagger()  # another tagger object: its own table
+    wrapper.attribute(*texts, replacement="pos_tag", tagger=other, seed=1, **ARGS, **kwargs)
+    assert other.calls == 1 and tagger.calls == 1
+
+
+def test_an_unhashable_tagger_is_cached_by_identity():
+    """A tagger need not be hashable (a dataclass with eq is not): its table is cached by identity."""
+    from dataclasses import dataclass, field
+
+    from inseq_lightning.tiny_models import tiny_gpt2
+
+    @dataclass
+    class DataclassTagger:
+        calls: list = field(default_factory=list)
+
+        def __call__(self, words):
+            self.calls.append(len(words))
+            return [tag_of(w) for w in words]
+
+    _, tok = tiny_gpt2()
+    tagger = DataclassTagger()
+    with pytest.raises(TypeError):
+        hash(tagger)
+    table = R.pos_tag_table(tok, len(tok), tagger)
+    assert R.pos_tag_table(tok, len(tok), tagger) is table and len(tagger.calls) == 1
 
 
 @pytest.mark.parametrize("pair", ["gpt2"], indirect=True)

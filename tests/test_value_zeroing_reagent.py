@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from model_state import model_state
 from test_architectures import ARCHITECTURES, built, texts  # the ground-truth grid's tiny models
 
 import inseq_lightning as il
@@ -116,7 +117,7 @@ def test_value_zeroing_selected_heads_and_layers():
     model.transformer.h[0].eval()
     for p in list(model.parameters())[::3]:
         p.requires_grad_(False)
-    before = _model_state(model)
+    before = model_state(model)
     assert True in before[0] and False in before[0] and True in before[1] and False in before[1]
     # the only hooks are transformers' own inert output-capturing ones (registered for good by the
     # ``output_hidden_states`` forwards of ``_expected`` above), none of this library's
@@ -124,18 +125,10 @@ def test_value_zeroing_selected_heads_and_layers():
                for hooks, pre in before[2] for hook in [*hooks.values(), *pre.values()])
     with pytest.raises(InvalidInputError, match="value heads"):
         wrapper.attribute(*DECODER_TEXTS, decoder_zeroed_units_indices=4)
-    assert _model_state(model) == before
+    assert model_state(model) == before
     with pytest.raises(InvalidInputError, match="layers 0..1"):
         wrapper.attribute(*DECODER_TEXTS, decoder_zeroed_units_indices={2: 0})
-    assert _model_state(model) == before
-
-
-def _model_state(model) -> tuple:
-    """Every submodule's training flag, every parameter's requires_grad, every module's forward
-    (pre-)hooks and the attention kernel."""
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
-            model.config._attn_implementation)
+    assert model_state(model) == before
 
 
 def test_value_zeroing_encoder_decoder_source_and_target():

@@ -13,14 +13,8 @@ import torch
 
 from ..errors import InvalidInputError
 from ..models.tokenization import encode_input, tokenize_ids
+from . import layout  # (the layouts use this module's helpers too: both look each other up at call time)
 from .args import HandleOutputContextSetting
-
-
-def context_layout(model):
-    """The model's :mod:`.layout` (imported here, at call time: the layouts use this module's helpers)."""
-    from .layout import context_layout as layout_of
-
-    return layout_of(model)
 
 
 # ---- tokens (inseq's HuggingfaceModel methods, on an AttributionModel) ------------------------------------------------
@@ -43,7 +37,7 @@ def filtered_tokens(model, text: str, special_tokens_to_keep: list[str], replace
                     is_target: bool = False) -> list[str]:
     """The tokens of ``text`` without special tokens, except those in ``special_tokens_to_keep``."""
     special = set(model.tokenizer.all_special_tokens)
-    tokens = text_to_tokens(model, text, as_targets=is_target and context_layout(model).targets_apart)
+    tokens = text_to_tokens(model, text, as_targets=is_target and layout.context_layout(model).targets_apart)
     kept = [t for t in tokens if t not in special or t in special_tokens_to_keep]
     if replace_special_characters:
         kept = [t.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ") for t in kept]
@@ -83,7 +77,7 @@ def generate_text(model, model_input: str, special_tokens_to_keep: list[str], ou
                                 "for a contrastive attributed_fn, contextless_output_next_tokens) to force the outputs")
     ids = model.generate_ids([model_input], skip_special_tokens=False, **generation_kwargs)[0]
     if output_generated_only:
-        ids = context_layout(model).generated_part(ids, len(encode_input(model, model_input, skip_special_tokens=False)))
+        ids = layout.context_layout(model).generated_part(ids, len(encode_input(model, model_input, skip_special_tokens=False)))
     text = model.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return tokens_to_text(model, filtered_tokens(model, text, special_tokens_to_keep, is_target=True),
                           skip_special_tokens=False)
@@ -121,7 +115,7 @@ def prepare_outputs(model, input_context_text: str | None, input_full_text: str,
     continued = output_context_text if has_out_ctx and not has_out_curr else None
     current_prefix = (current_prefix_template.strip().format(context=output_context_text) if continued is not None
                       else prefix)
-    model_input, current_prefix = context_layout(model).generation_input(
+    model_input, current_prefix = layout.context_layout(model).generation_input(
         model, input_full_text, current_prefix, continued, current_prefix_template, generation_kwargs,
         decoder_input_output_separator)
     generated = _generate_model_output(model, model_input, generation_kwargs, special_tokens_to_keep,
@@ -195,10 +189,10 @@ def contextless_output(model, input_current_text: str, current_tokens: list[str]
     if ask_user:
         next_token = _ask_for_next_token(model, current_tokens, cti_idx, special_tokens_to_keep)
     if isinstance(next_token, str):
-        first = text_to_tokens(model, next_token, as_targets=context_layout(model).targets_apart)[0]
+        first = text_to_tokens(model, next_token, as_targets=layout.context_layout(model).targets_apart)[0]
         return tokens_to_text(model, current_tokens[:cti_idx] + [first], skip_special_tokens=False).lstrip(" ")
     prefix = tokens_to_text(model, current_tokens[:cti_idx], skip_special_tokens=False).lstrip(" ")
-    model_input = context_layout(model).contextless_generation(model, input_current_text, prefix, generation_kwargs,
+    model_input = layout.context_layout(model).contextless_generation(model, input_current_text, prefix, generation_kwargs,
                                                                decoder_input_output_separator)
     return generate_text(model, model_input, special_tokens_to_keep, output_generated_only=False, **generation_kwargs)
 

@@ -218,6 +218,11 @@ class ProbeMonitor:
                 "alerts": self.alerts.state_dict(), "stabilization": self.stabilization.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("method", self.method)
+        if saved != self.method:  # its references are another method's maps (or none, for dummy)
+            raise InvalidInputError(f"this monitor state was saved by a {saved!r} monitor; a {self.method!r} monitor "
+                                    "cannot continue its drift history: resume with method="
+                                    f"{saved!r}, or give this monitor another prefix to start a history of its own")
         self.history = DriftHistory.from_state_dict(state["history"])
         if "alerts" in state:  # states saved before alerts existed have none
             self.alerts.load_state_dict(state["alerts"])

@@ -142,5 +142,7 @@ class MonitorReport:
         """One line: the step, the probes, the stabilization point so far and the alerts of this pass."""
         stable = f"stable since step {self.stabilization_step}" if self.stabilization_step is not None else \
             "not stable yet"
+        if not self.maps:  # step scores only: no map to be stable
+            stable = "step scores only"
         alerts = "; ".join(a.message for a in self.alerts) if self.alerts else "no alert"
         return f"[{self.prefix}] step {self.step}: {len(self.results)} probes, {stable}, {alerts}"

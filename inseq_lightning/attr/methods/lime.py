@@ -47,8 +47,6 @@ class Lime(AttributionMethod):
                   seed: int | None = None, **kwargs) -> MethodResult:
         from torch.utils.data import DataLoader, TensorDataset
 
-        if len(ctx.adapter.attributed_token_ids(ctx.batch, ctx.attribute_target)) > 1:  # a target side apart
-            raise InvalidInputError("lime attributes one input: use attribute_target=False (inseq refuses it too)")
         if mask_token not in ("unk", "pad"):
             raise InvalidInputError(f"mask_token must be 'unk' or 'pad', got {mask_token!r}")
         if not 0 <= mask_prob <= 1 or n_samples < 1:

@@ -22,8 +22,10 @@ Replacement tokens (``replacement=``):
 
 - ``"uniform"`` (default): uniform draws from the vocabulary without special tokens.
 - ``"unk"``: the UNK baseline.
-- ``"pos_tag"``: as inseq's ``POSTagTokenSampler``: a replaced token is swapped for a uniform draw
-  among the *other* non-special vocabulary tokens with its tag. Every non-special vocabulary token's
+- ``"pos_tag"``: like inseq's ``POSTagTokenSampler``, a replaced token is swapped for a token with its
+  part-of-speech tag, drawn uniformly among the *other* non-special vocabulary tokens with that tag
+  (inseq draws among every id with the tag, the token itself and special tokens included, and tags
+  ``decode([id])`` over ``vocab_size``: a replacement here always changes the token). Every non-special vocabulary token's
   text (the tokenizer's ``convert_tokens_to_string`` of that token alone, stripped) is tagged on its
   own by ``tagger`` (a callable: list of strings -> list of tags, one per string), or, with
   ``tagger=None``, by nltk's ``pos_tag`` (its English perceptron tagger, one token at a time as inseq
@@ -194,11 +196,12 @@ def pos_tag_table(tokenizer, rows: int, tagger: Callable[[list[str]], Sequence])
         per_tokenizer = _TABLES.setdefault(tokenizer, OrderedDict())
     except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
         per_tokenizer = OrderedDict()
-    key = (tagger, len(tokenizer), rows)
-    table = per_tokenizer.get(key)
-    if table is not None:
+    # By identity (a tagger need not be hashable); the entry holds the tagger, so its id is not reused.
+    key = (id(tagger), len(tokenizer), rows)
+    cached = per_tokenizer.get(key)
+    if cached is not None and cached[0] is tagger:
         per_tokenizer.move_to_end(key)
-        return table
+        return cached[1]
     candidates = _candidates(tokenizer, rows)
     texts = _token_texts(tokenizer, candidates)
     tags = tagger(texts)
@@ -222,7 +225,7 @@ def pos_tag_table(tokenizer, rows: int, tagger: Callable[[list[str]], Sequence])
     rank = torch.zeros(rows, dtype=torch.long)
     rank[ids[order]] = torch.arange(len(candidates)) - offsets[group_of[order]]
     table = PosTagTable(ids, ids[order], offsets, sizes, group, rank, tuple(index))
-    per_tokenizer[key] = table
+    per_tokenizer[key] = (tagger, table)
     while len(per_tokenizer) > TABLES_PER_TOKENIZER:
         per_tokenizer.popitem(last=False)
     return table
