@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ModelLoadingError
+from .attr.methods import get_method
+from .errors import InvalidInputError, ModelLoadingError
 from .models.loading import (
     AdapterSwitcher,
     adapter_base_model,
@@ -58,6 +59,11 @@ def drift_across_checkpoints(checkpoints: Sequence[str | Path], probes, output_d
     report ``report`` (default ``<output_dir>/report.html``: curves, maps and difference maps in one
     self-contained file) and, with ``tensorboard=True``, a TensorBoard run in ``<output_dir>/tensorboard``.
     """
+    if get_method(method).granularity == "none":  # dummy: the report would show empty maps, drift columns of '-'
+        raise InvalidInputError(f"drift compares attribution maps across checkpoints, and method {method!r} computes "
+                                "none (step scores only): use a method that computes maps (the default, saliency, or "
+                                "another of list_feature_attribution_methods()); drift.csv and the report hold the "
+                                "step scores with every method")
     paths = [Path(c) for c in checkpoints]
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:

@@ -171,3 +171,182 @@ def test_a_state_saved_by_another_method_is_refused():
     with pytest.raises(InvalidInputError, match="saved by a 'dummy' monitor.*another prefix"):
         saliency.load_state_dict(dummy.state_dict())
     ProbeMonitor(make_chat_probes(n=2), method="dummy", prefix="shared").load_state_dict(dummy.state_dict())
+
+
+# ---- method="dummy" in a real transformers.Trainer.train, and in `inseq-lightning drift` ---------------------------
+def _dummy_hf_run(hf_models, tmp_path, metric: str):
+    """A real ``Trainer.train`` (4 steps, evaluation and save every 2) reporting to TensorBoard and W&B, with a
+    step-scores-only callback and ``metric_for_best_model`` on one of its means."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from inseq_lightning.demo.module import PairsCollator
+    from inseq_lightning.demo.task import make_probes
+    from inseq_lightning.monitor.values import HIGHER, definition
+
+    model, tokenizer = hf_models["gpt2"]
+    set_seed(0)
+    pairs = [(e.prompt, e.answer) for e in make_dataset(32, seed=0)]
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        report_to=["tensorboard", "wandb"], use_cpu=True, seed=0, data_seed=0, remove_unused_columns=False,
+        disable_tqdm=True, metric_for_best_model=metric, greater_is_better=definition(metric.split("/mean/")[1]).better == HIGHER)
+    trainer = Trainer(model=copy.deepcopy(model).train(), args=arguments, train_dataset=pairs, eval_dataset=pairs[:4],
+                      data_collator=PairsCollator(tokenizer, False, tokenizer.eos_token_id), processing_class=tokenizer)
+    callback = AttributionCallback.attach(trainer, make_probes(2), method="dummy",
+                                          step_scores=("probability", "entropy"))
+    trainer.train()
+    return trainer, callback
+
+
+def _relative(key: str, prefix: str) -> str:
+    """``<prefix>/<probe or mean>/<name>`` -> ``<name>``; a value of the pass (``<prefix>/seconds``) -> its name."""
+    rest = key[len(prefix) + 1:]
+    return rest.split("/", 1)[1] if "/" in rest else rest
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dummy_in_a_real_trainer_logs_the_models_own_step_scores_to_tensorboard_wandb_and_eval_metrics(
+        hf_models, tmp_path, wandb_offline):
+    """``AttributionCallback.attach(trainer, probes, method="dummy")`` in ``Trainer.train``: each probe's
+    probability and entropy reach TensorBoard and W&B (read back with their own readers) at every pass; the
+    last pass's probability is the model's own teacher-forced probability of the probe's target, computed here
+    from its forward; the means are eval metrics that ``metric_for_best_model`` ranks; no map-based value, heatmap
+    or map column appears anywhere."""
+    import glob
+
+    import wandb
+    from wandb_reader import history_rows
+
+    prefix = "attribution/dummy"
+    metric = f"{prefix}/mean/step_score/probability"
+    trainer, callback = _dummy_hf_run(hf_models, tmp_path, metric)
+    wandb.finish()
+    steps = [0, 2, 4]  # train begin, then after each evaluation
+    assert [r.step for r in callback.reports] == steps
+    assert not callback.monitor._warned  # no probe or sink failed
+    last = callback.reports[-1]
+    names = [r.probe.name for r in last.results]
+    assert names == ["probe_0", "probe_1"]
+
+    # The model's own probability of probe_0's target at the last pass (step 4: the weights training ended with).
+    result = last.results[0]
+    model = _eval_copy(trainer.model)
+    tokenizer = trainer.processing_class
+    prompt_ids = tokenizer(result.probe.prompt).input_ids
+    ids = tokenizer(result.probe.prompt + result.probe.target, return_tensors="pt").input_ids
+    assert [t.id for t in result.aggregated.target] == ids[0].tolist()  # the same tokens were attributed
+    with torch.no_grad():
+        probabilities = model(ids).logits[0].softmax(-1)
+    own = [probabilities[i - 1, ids[0, i]].item() for i in range(len(prompt_ids), ids.shape[1])]
+    expected = sum(own) / len(own)
+    assert 0 < expected < 1
+    assert result.step_scores["probability"] == pytest.approx(expected, abs=1e-5)
+
+    # TensorBoard: the trainer's own run.
+    (run_dir,) = [Path(p).parent for p in glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    ours = [t for t in events.Tags()["scalars"] if t.startswith(f"{prefix}/")]
+    assert not [t for t in ours if needs_map(_relative(t, prefix))], ours
+    assert not [t for t in events.Tags()["images"] if t.startswith(f"{prefix}/")]  # no heatmap
+    for report_index, step in enumerate(steps):
+        for result in callback.reports[report_index].results:
+            for score in ("probability", "entropy"):
+                logged = events.Scalars(f"{prefix}/{result.probe.name}/step_score/{score}")
+                assert [e.step for e in logged] == steps
+                assert logged[report_index].value == pytest.approx(result.step_scores[score], rel=1e-6)
+    assert events.Scalars(f"{prefix}/probe_0/step_score/probability")[-1].value == pytest.approx(expected, abs=1e-5)
+    assert [e.step for e in events.Scalars(f"{prefix}/mean/step_score_change_ref/entropy")] == steps[1:]
+
+    # W&B: the trainer's offline run, read back from its transaction log.
+    wandb_run = Path(glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))[0])
+    rows = [r for r in history_rows(next(wandb_run.glob("run-*.wandb"))) if f"{prefix}/probe_0/step_score/probability" in r]
+    assert [r["train/global_step"] for r in rows] == steps
+    keys = {k for r in rows for k in r if k.startswith(f"{prefix}/") and k.count("/") >= 3}
+    assert not [k for k in keys if needs_map(_relative(k, prefix))], keys
+    assert not [k for k in keys if k.endswith("/heatmap") or "/heatmap/" in k]
+    assert rows[-1][f"{prefix}/probe_0/step_score/probability"] == pytest.approx(expected, abs=1e-5)
+    for score in ("probability", "entropy"):
+        assert rows[-1][f"{prefix}/probe_1/step_score/{score}"] == pytest.approx(
+            last.results[1].step_scores[score], rel=1e-6)
+        assert rows[-1][f"{prefix}/mean/step_score/{score}"] == pytest.approx(last.means()[f"step_score/{score}"],
+                                                                               rel=1e-6)
+    table = json.loads((wandb_run / "files" / rows[-1][f"{prefix}/table/path"]).read_text())  # the last increment
+    assert table["columns"][:3] == ["step", "stage", "probe"] and "step_score/entropy" in table["columns"]
+    assert not [c for c in table["columns"][3:] if needs_map(c)], table["columns"]  # no column left empty
+    row = dict(zip(table["columns"], next(r for r in table["data"] if r[2] == "probe_0"), strict=True))
+    assert row["step"] == 4 and row["step_score/probability"] == pytest.approx(expected, abs=1e-5)
+
+    # The eval metrics: the means of the pass run at each evaluation, ranked by metric_for_best_model.
+    evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evaluations] == [2, 4]
+    for evaluation, report in zip(evaluations, callback.reports[1:], strict=True):
+        ours = {k: v for k, v in evaluation.items() if k.startswith(f"eval_{prefix}/")}
+        assert ours[f"eval_{metric}"] == pytest.approx(report.means()["step_score/probability"], rel=1e-6)
+        assert ours[f"eval_{prefix}/mean/step_score/entropy"] == pytest.approx(report.means()["step_score/entropy"],
+                                                                               rel=1e-6)
+        assert not [k for k in ours if needs_map(_relative(k, f"eval_{prefix}"))], ours
+    best = max(evaluations, key=lambda h: h[f"eval_{metric}"])
+    assert trainer.state.best_metric == pytest.approx(best[f"eval_{metric}"], rel=1e-9)
+    assert trainer.state.best_global_step == best["step"]
+
+
+def _eval_copy(model):
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def _one_checkpoint(hf_models, tmp_path, cue: bool):
+    """A real saved checkpoint and a probe file (with ``cue``, a probe with a cue: the canary a dummy monitor
+    refuses, through ``canary_alert=False``, a setting the command has no flag for)."""
+    model, tokenizer = hf_models["gpt2"]
+    path = tmp_path / "checkpoint-10"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "the cat sat", "target": " on the mat", "evidence": ["cat"], "name": "cat"},
+        {"prompt": "The cue: red. The cup is", "target": " red", "cue": ["cue: red"] if cue else [], "name": "cued"},
+    ]))
+    return path, probes
+
+
+@pytest.mark.parametrize("cue", [False, True], ids=["plain_probes", "probe_with_cue"])
+def test_drift_command_with_dummy_exits_2_with_one_line_and_writes_nothing(hf_models, tmp_path, cue):
+    """``inseq-lightning drift --method dummy`` as a user runs it (a subprocess): drift compares maps and dummy
+    computes none, so it is refused up front (exit 2, one line naming the reason and what to do), before any
+    checkpoint is loaded or any output (an empty report, drift columns of '-') is written."""
+    import subprocess
+    import sys
+
+    path, probes = _one_checkpoint(hf_models, tmp_path, cue)
+    out = tmp_path / "drift"
+    result = subprocess.run([sys.executable, "-m", "inseq_lightning.cli", "drift", str(path), "--probes", str(probes),
+                             "--method", "dummy", "--step-scores", "probability", "entropy", "--output-dir", str(out),
+                             "--tensorboard"], capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("inseq-lightning: error: drift compares attribution maps")
+    assert "'dummy' computes none (step scores only)" in line and "saliency" in line
+    assert "canary" not in line  # the real reason, not a setting the command has no flag for
+    assert not out.exists()
+
+
+def test_drift_across_checkpoints_refuses_dummy_and_keeps_every_map_method(hf_models, tmp_path):
+    from inseq_lightning.drift_checkpoints import drift_across_checkpoints
+
+    path, probes = _one_checkpoint(hf_models, tmp_path, cue=False)
+    with pytest.raises(InvalidInputError, match="drift compares attribution maps.*'dummy' computes none"):
+        drift_across_checkpoints([path], probes, tmp_path / "refused", method="dummy", show_progress=False)
+    assert not (tmp_path / "refused").exists()
+    # A map method on the same files: step scores and maps both, in drift.csv.
+    (report,) = drift_across_checkpoints([path], probes, tmp_path / "kept", method="saliency",
+                                         step_scores=("probability",), show_progress=False)
+    assert report.maps and math.isfinite(report.means()["evidence_mass"])
+    header = (tmp_path / "kept" / "drift.csv").read_text().splitlines()[0].split(",")
+    assert "step_score/probability" in header and "evidence_mass" in header
