@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from model_state import assert_same, snapshot
 
 import inseq_lightning as il
 from inseq_lightning.errors import (
@@ -13,29 +14,6 @@ from inseq_lightning.errors import (
     UnknownMethodError,
     UnknownStepFunctionError,
 )
-
-
-def snapshot(model):
-    return {
-        "modes": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "attn": model.config._attn_implementation,
-        "rng": torch.get_rng_state(),
-    }
-
-
-def assert_same(before, after):
-    assert before["modes"] == after["modes"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["attn"] == after["attn"]
-    assert torch.equal(before["rng"], after["rng"])
-    for name, g in before["grads"].items():
-        other = after["grads"][name]
-        assert (g is None) == (other is None) and (g is None or torch.equal(g, other)), name
-    for name, w in before["weights"].items():
-        assert torch.equal(w, after["weights"][name]), name
 
 
 @pytest.fixture()

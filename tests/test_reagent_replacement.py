@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from model_state import assert_same, snapshot
 
 import inseq_lightning as il
 from inseq_lightning.attr.methods import reagent as R
@@ -233,25 +234,6 @@ def test_reagent_pos_tag_uses_nltk_when_it_and_its_data_are_installed(pair, monk
     for n in range(len(seq.generated)):
         assert float(seq.target_attributions[: seq.attr_pos_start + n, n].sum()) == pytest.approx(1.0, abs=1e-5)
     assert R.default_tagger() is R._nltk_tagger  # one tagger object: the vocabulary's tags stay cached
-
-
-def snapshot(model):
-    return {"modes": {n: m.training for n, m in model.named_modules()},
-            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-            "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "rng": torch.get_rng_state()}
-
-
-def assert_same(before, after):
-    assert before["modes"] == after["modes"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert torch.equal(before["rng"], after["rng"])
-    for name, grad in before["grads"].items():
-        other = after["grads"][name]
-        assert (grad is None) == (other is None) and (grad is None or torch.equal(grad, other)), name
-    for name, weight in before["weights"].items():
-        assert torch.equal(weight, after["weights"][name]), name
 
 
 @pytest.mark.parametrize("pair", ["gpt2", "marian"], indirect=True)
