@@ -101,8 +101,9 @@ class DecoderOnlyLayout:
         return int(first_token == bos and bos not in keep)
 
     def context_lead(self, first_token: str, bos: str | None, keep: list[str], has_lang_tag: bool) -> int:
-        """Rows before the first text token of an attributed sequence: a decoder-only model's BOS (not kept)."""
-        return int(first_token == bos and bos not in keep)
+        """Rows before the first text token of an attributed sequence: the start rows (a decoder-only
+        model's BOS not kept), and an encoder-decoder's language tag."""
+        return self.start_offset(first_token, bos, keep)
 
     def input_context_scores(self, seq, lead: int, has_lang_tag: bool) -> list[float]:
         """The first attributed step's scores of the input tokens (a decoder-only input is the target prefix)."""
@@ -170,8 +171,7 @@ class EncoderDecoderLayout(DecoderOnlyLayout):
         return 1
 
     def context_lead(self, first_token: str, bos: str | None, keep: list[str], has_lang_tag: bool) -> int:
-        """The decoder start token, and the language tag."""
-        return 1 + int(has_lang_tag)
+        return self.start_offset(first_token, bos, keep) + int(has_lang_tag)
 
     def input_context_scores(self, seq, lead: int, has_lang_tag: bool) -> list[float]:
         """The source scores (after the language tag and its separator, when there is one)."""
