@@ -28,7 +28,7 @@ from ..utils.sharding import has_sharded_parameters
 from .architectures import adapter_for
 from .batch import Batch
 from .inseq_compat import InseqModelAPI
-from .tokenization import SpecialIds, build_batch, check_texts, encode_input
+from .tokenization import SpecialIds, build_batch, check_texts, encode_input, token_text
 
 logger = logging.getLogger(__name__)
 
@@ -362,11 +362,7 @@ def _clean_special_chars(out: FeatureAttributionOutput, tokenizer) -> None:
 
     def clean(token: TokenWithId) -> TokenWithId:
         if token.token not in cache:
-            try:
-                text = tokenizer.convert_tokens_to_string([token.token])
-            except Exception:  # noqa: BLE001 - a label the tokenizer cannot read (a merged or contrast label)
-                text = ""
-            cache[token.token] = text or token.token
+            cache[token.token] = token_text(tokenizer, token.token) or token.token
         return TokenWithId(cache[token.token], token.id)
 
     for seq in out.sequence_attributions:

@@ -73,6 +73,18 @@ def reused_tokenizations() -> Iterator[None]:
         _REUSED.reset(token)
 
 
+def token_text(tokenizer, token: str | None) -> str | None:
+    """One token as text: the tokenizer's ``convert_tokens_to_string`` of that token alone (``"Ġcat"`` ->
+    ``" cat"``), as inseq's ``clean_special_chars`` reads it; None when the tokenizer cannot read it (a
+    merged or contrast label, a missing token)."""
+    if token is None:
+        return None
+    try:
+        return tokenizer.convert_tokens_to_string([token])
+    except Exception:  # noqa: BLE001 - any tokenizer's failure on a string it did not make
+        return None
+
+
 def tokenize_ids(tokenizer, text: str, add_special_tokens: bool, as_target: bool = False) -> list[int]:
     """``tokenizer(text)["input_ids"]`` (``text_target`` when ``as_target``), reused inside a
     :func:`reused_tokenizations` block."""

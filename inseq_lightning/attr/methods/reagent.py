@@ -175,13 +175,12 @@ def _candidates(tokenizer, rows: int) -> list[int]:
 
 def _token_texts(tokenizer, ids: list[int]) -> list[str]:
     """Each token's text alone (``convert_tokens_to_string`` of that token), stripped."""
+    from ...models.tokenization import token_text  # (models imports the methods)
+
     texts = []
     for token in tokenizer.convert_ids_to_tokens(ids):
-        try:
-            text = tokenizer.convert_tokens_to_string([token]) if token is not None else ""
-        except Exception:  # noqa: BLE001 - a token the tokenizer cannot turn back into text: its own string
-            text = str(token or "")
-        texts.append(text.strip())
+        text = token_text(tokenizer, token)  # None: a token the tokenizer cannot read back, its own string
+        texts.append((str(token or "") if text is None else text).strip())
     return texts
 
 
