@@ -88,3 +88,24 @@ def test_a_forward_shadowed_by_someone_else_is_left_alone():
         assert switched == 0
         assert torch.equal(act(torch.ones(3)), torch.zeros(3))
     assert act.forward is not mine and torch.equal(act(torch.ones(3)), torch.zeros(3))
+
+
+def test_a_class_level_patch_a_forward_set_meanwhile_and_process_wide_instances_are_respected(monkeypatch):
+    from transformers import activations
+
+    act = NewGELUActivation()
+    monkeypatch.setattr(NewGELUActivation, "forward", lambda self, x: x * 2)  # a user's class-level patch
+    with fused_activations(torch.nn.Sequential(act)) as switched:
+        assert switched == 0 and torch.equal(act(torch.ones(2)), torch.full((2,), 2.0))
+    monkeypatch.undo()
+
+    users = lambda x: x * 3  # set by user code while the block runs
+    with fused_activations(torch.nn.Sequential(act)) as switched:
+        assert switched == 1
+        act.forward = users
+    assert act.__dict__["forward"] is users  # not removed on exit: it is not the one the block installed
+
+    # OpenAI-GPT's layers share transformers' process-wide instance: switching it would switch other models.
+    with fused_activations(torch.nn.Sequential(activations.gelu_new, activations.gelu_fast)) as switched:
+        assert switched == 0
+    assert "forward" not in activations.gelu_new.__dict__

@@ -13,7 +13,8 @@ those inputs keep the model's formula, as does generation (a near tie could pick
 
 The module objects stay the same (hooks on them still fire); only their ``forward`` is shadowed
 by an instance attribute for the duration of the block, and removed again when it exits, also when
-it raises.
+it raises. Encoder-decoders with these modules (T5 v1.1 / mT5's gated GELU) are switched too. Step
+scores then equal the model's own forward to float rounding (about 1e-7 relative), not bit for bit.
 """
 
 import contextlib
@@ -24,13 +25,24 @@ import torch
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-def _tanh_gelu_classes() -> tuple[type, ...]:
-    """transformers' Python tanh-GELU modules (exact types: a subclass may compute something else)."""
+def _switchable(module: torch.nn.Module) -> bool:
+    """A transformers Python tanh-GELU module running transformers' own formula, owned by its model.
+
+    Exact types (a subclass may compute something else), whose class ``forward`` is still transformers'
+    (a user's class-level patch is respected) and without an instance ``forward`` (nor one of a user's).
+    Not the process-wide instances of ``transformers.activations`` (``gelu_new``, ``gelu_fast``): OpenAI-GPT's
+    layers all hold that one object, so switching it would switch every such model of the process, models
+    this call does not attribute included."""
     try:
-        from transformers.activations import FastGELUActivation, NewGELUActivation
-    except ImportError:  # pragma: no cover - every supported transformers has both
-        return ()
-    return (NewGELUActivation, FastGELUActivation)
+        from transformers import activations
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    cls = type(module)
+    if cls not in (activations.NewGELUActivation, activations.FastGELUActivation) or "forward" in module.__dict__:
+        return False
+    if getattr(cls.forward, "__module__", None) != activations.__name__:
+        return False
+    return not any(module is shared for shared in vars(activations).values())
 
 
 def _fused_tanh_gelu(original: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -46,16 +58,17 @@ def _fused_tanh_gelu(original: Callable[[torch.Tensor], torch.Tensor]) -> Callab
 @contextlib.contextmanager
 def fused_activations(model: torch.nn.Module) -> Iterator[int]:
     """Run the model's Python tanh-GELU modules as the fused kernel inside the block; yields how many
-    modules were switched. A module whose ``forward`` is already shadowed (by a user or another
-    library) is left alone."""
-    classes = _tanh_gelu_classes()
+    modules were switched (see :func:`_switchable` for those left alone). On exit only the ``forward``
+    this block installed is removed: one a user sets meanwhile stays."""
     switched = []
     try:
         for module in model.modules():
-            if type(module) in classes and "forward" not in module.__dict__:
-                module.forward = _fused_tanh_gelu(module.forward)
-                switched.append(module)
+            if _switchable(module):
+                fused = _fused_tanh_gelu(module.forward)
+                module.forward = fused
+                switched.append((module, fused))
         yield len(switched)
     finally:
-        for module in switched:
-            module.__dict__.pop("forward", None)
+        for module, fused in switched:
+            if module.__dict__.get("forward") is fused:
+                del module.__dict__["forward"]
