@@ -364,6 +364,36 @@ def test_saliency_equals_autograd_of_the_models_own_forward(arch):
             assert not grad[rows:].any(), "the model looks ahead"  # causality of the reference itself
 
 
+# Decoder-only models whose forward continues a plain full-attention key/value cache: their forwards run
+# in segments (the others' sliding-window layers keep a cache of their own kind and run whole).
+SEGMENTED = {"gpt2", "llama", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "opt", "bloom", "olmo2"}
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if not a.startswith(("t5", "bart", "mbart", "m2m100",
+                                                                                   "marian", "pegasus"))])
+def test_a_forward_in_segments_gives_the_whole_forwards_numbers(arch, method):
+    """Three segments, each continuing the previous one's key/value cache with the gradient, one step
+    per backward: the maps and probabilities of one forward over the whole sequence, and each step's
+    backward starts from its own segment (the model's own prefix-by-prefix gradients for saliency are
+    checked on whole forwards above; here the two ways are compared value for value)."""
+    from inseq_lightning.attr.backward import BackwardStrategy
+
+    kwargs = {"n_steps": 4} if method == "integrated_gradients" else {}
+    segmented, whole = BackwardStrategy(steps_per_backward=1, segments=3), BackwardStrategy(segments=1)
+    out = _attribute(arch, [1], method, backward_strategy=segmented, **kwargs)[0]
+    ref = _attribute(arch, [1], method, backward_strategy=whole, **kwargs)[0]
+    assert all(r.segment is None for r in whole.records)
+    used = sorted({r.segment for r in segmented.records}, key=str)
+    assert used == ([0, 1, 2] if arch in SEGMENTED else [None]), used
+    if arch in SEGMENTED:
+        assert [r.steps for r in segmented.records] == [1] * len(ref.step_scores["probability"])
+    a, b = out.target_attributions, ref.target_attributions
+    assert torch.equal(a.isnan(), b.isnan())
+    torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-6 * b.nan_to_num().abs().max().item())
+    torch.testing.assert_close(out.step_scores["probability"], ref.step_scores["probability"], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_layer_gradient_x_activation_equals_input_x_gradient(arch):
     """``a * d f / d a`` does not depend on a constant scale between the embedding layer's output and

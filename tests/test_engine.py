@@ -99,6 +99,67 @@ def test_default_memory_budget_has_a_floor_and_sets_the_steps_per_backward(hf_mo
         torch.testing.assert_close(out.target_attributions, batched.target_attributions, equal_nan=True)
 
 
+def test_chunks_are_capped_on_a_cpu_and_segments_are_planned_for_rows_that_share_their_steps():
+    from inseq_lightning.attr.backward import (
+        CPU_POSITIONS_PER_BACKWARD,
+        BackwardStrategy,
+        StepLayout,
+        backward_bytes_per_step,
+        plan_segments,
+    )
+
+    positions = torch.arange(50, 100).view(1, -1)  # 50 + 50 tokens: steps 0..49 at positions 50..99
+    layout = StepLayout(positions, torch.ones_like(positions, dtype=torch.bool), 100, hidden_size=256, num_layers=6,
+                        inner_size=1024, num_heads=8)
+    auto = BackwardStrategy()
+    # 1 row x 100 positions x 4 bytes x (2 x 1024 + 4 x 256 + 2 x 8 x 100)
+    assert backward_bytes_per_step(layout, 1, 100) == 100 * 4 * (2048 + 1024 + 1600)
+    assert auto.steps_per_chunk(layout, 1, 100, 64 * 2**20) == CPU_POSITIONS_PER_BACKWARD // 100 == 8
+    assert auto.steps_per_chunk(layout, 1, 100, 3 * backward_bytes_per_step(layout, 1, 100)) == 3  # the budget
+    assert auto.steps_per_chunk(layout, 1, 100, 0) == 1
+    assert auto.steps_per_chunk(layout, 4, 100, 2**40) == 2  # four rows share the cap
+    # 7 chunks of 8 steps: two segments of whole chunks; 1 chunk: one whole forward
+    assert plan_segments(auto, layout, 8) == [range(32), range(32, 50)]
+    assert plan_segments(BackwardStrategy(segments=3), layout, 8) == [range(16), range(16, 40), range(40, 50)]
+    assert plan_segments(auto, layout, 50) is None
+    assert plan_segments(BackwardStrategy(segments=1), layout, 8) is None
+    # rows attributing different positions (prompts of different lengths), or padding steps: whole forwards
+    two = StepLayout(torch.tensor([[3, 4, 5], [4, 5, 6]]), torch.ones(2, 3, dtype=torch.bool), 7, 64, 2)
+    assert plan_segments(BackwardStrategy(segments=2), two, 1) is None
+    padded = StepLayout(torch.tensor([[3, 4, 5], [3, 4, 0]]), torch.tensor([[True] * 3, [True, True, False]]), 6, 64, 2)
+    assert plan_segments(BackwardStrategy(segments=2), padded, 1) is None
+    for bad in ({"segments": 0}, {"steps_per_backward": 0}, {"segments": 1.5}, {"segments": True}):
+        with pytest.raises(ValueError, match="positive integer"):
+            BackwardStrategy(**bad)
+
+
+def test_one_sequence_runs_its_forward_in_segments_and_its_steps_backpropagate_from_their_own(hf_models):
+    """50 + 50 tokens on GPT-2: two forward segments (the second continuing the first's key/value cache),
+    the first segment's steps never backpropagate through the second; the maps equal one whole forward's."""
+    from inseq_lightning.attr.backward import BackwardStrategy
+    from inseq_lightning.tiny_models import tiny_gpt2
+
+    model, tok = tiny_gpt2(n_layer=2, n_embd=64, n_head=4)
+    ids = tok(" ".join(["the quick brown fox jumps over the lazy dog"] * 12))["input_ids"]
+    prompt, full = tok.decode(ids[:50]), tok.decode(ids[:100])
+    am = il.load_model(model, "saliency", tokenizer=tok)
+    calls, handle = count_forwards(model)
+    segmented = BackwardStrategy(steps_per_backward=5)
+    try:
+        out = am.attribute(prompt, full, step_scores=["probability"], show_progress=False,
+                           backward_strategy=segmented)[0]
+    finally:
+        handle.remove()
+    n = out.attr_pos_end - out.attr_pos_start
+    assert n == 50 and len(calls) == 2
+    assert [(r.steps, r.segment) for r in segmented.records] == [(5, 0)] * 5 + [(5, 1)] * 5
+    whole = am.attribute(prompt, full, step_scores=["probability"], show_progress=False,
+                         backward_strategy=BackwardStrategy(steps_per_backward=5, segments=1))[0]
+    a, b = out.target_attributions, whole.target_attributions
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.nan_to_num().abs().max().item(), equal_nan=True)
+    torch.testing.assert_close(out.step_scores["probability"], whole.step_scores["probability"], rtol=1e-6, atol=0)
+
+
 def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numbers(hf_models):
     model, tok = hf_models["llama"]
     am = il.load_model(model, "attention", tokenizer=tok)

@@ -12,9 +12,17 @@ and memory.
 
 :class:`BackwardStrategy` holds the choices (split point, chunking, weighted sums over integration
 points) and records what each call did, so that tests select and observe them.
+
+**Segments.** A step's backward runs over the whole graph of the forward it comes from, although
+the step only depends on the positions before it. When the forward ran in segments (each one's
+keys and values carrying the gradient into the next, see ``EngineContext.forward``), the steps
+predicted in segment ``s`` backpropagate from that segment's output-layer input, through segments
+``<= s`` only: with 50 + 50 tokens and two segments, the first half of the steps skips the last fifth
+of the positions.
 """
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,13 +49,15 @@ def default_memory_budget(model: torch.nn.Module) -> int:
 @dataclass
 class StepLayout:
     """Where the steps of a batch are: ``positions``/``valid`` ``[B, N]`` (see ``Batch.step_index``),
-    the padded target length ``T``, and the model's size for the memory estimate."""
+    the padded target length ``T``, and the model's sizes for the memory estimate."""
 
     positions: torch.Tensor
     valid: torch.Tensor
     target_length: int
     hidden_size: int
     num_layers: int
+    inner_size: int | None = None  # the feed-forward width (None: 4 x hidden)
+    num_heads: int = 8
 
     @property
     def batch_size(self) -> int:
@@ -60,11 +70,13 @@ class StepLayout:
 
 @dataclass
 class BackwardRecord:
-    """What one vectorised backward did: how many steps it covered and whether it started at the
-    output projection's input (``split``) or at the scores."""
+    """What one vectorised backward did: how many steps it covered, whether it started at the
+    output projection's input (``split``) or at the scores, and from which forward segment (None:
+    the forward ran whole)."""
 
     steps: int
     split: bool
+    segment: int | None = None
 
 
 @dataclass
@@ -79,6 +91,10 @@ class BackwardStrategy:
         sum_points: sum gradients over integration points/samples as each chunk comes (only the sum is
             held); False keeps every point's gradients and sums them at the end (n_steps times the memory;
             the same numbers).
+        segments: run the forward in this many segments, so that each step's backward covers its
+            prefix only (decoder-only models with a plain key/value cache, split at the head, every row
+            of the batch attributing the same positions); 1 never does; None: :data:`AUTO_SEGMENTS`
+            when the steps take at least that many backwards, else 1.
 
     Attributes:
         records: one :class:`BackwardRecord` per vectorised backward run with this strategy.
@@ -88,15 +104,62 @@ class BackwardStrategy:
     steps_per_backward: int | None = None
     memory_budget_bytes: int | None = None
     sum_points: bool = True
+    segments: int | None = None
     records: list[BackwardRecord] = field(default_factory=list, repr=False)
 
+    def __post_init__(self):
+        for name in ("steps_per_backward", "segments"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"BackwardStrategy.{name} must be a positive integer or None, got {value!r}")
+
     def steps_per_chunk(self, layout: StepLayout, rows: int, length: int, budget: int) -> int:
-        """How many steps one vectorised backward covers."""
+        """How many steps one vectorised backward covers: as many as the memory budget holds
+        (:func:`backward_bytes_per_step`), on a CPU at most :data:`CPU_POSITIONS_PER_BACKWARD` positions."""
         if self.steps_per_backward is not None:
             return max(1, min(layout.num_steps, self.steps_per_backward))
-        # activations touched per backward, per step
-        per_step = rows * length * layout.hidden_size * max(layout.num_layers, 1) * 4 * 24
-        return max(1, min(layout.num_steps, int(budget // max(per_step, 1))))
+        steps = int(budget // max(backward_bytes_per_step(layout, rows, length), 1))
+        if layout.positions.device.type == "cpu":
+            steps = min(steps, CPU_POSITIONS_PER_BACKWARD // max(rows * length, 1))
+        return max(1, min(layout.num_steps, steps))
+
+
+# The vectorised backward's matrix products have steps x positions rows. On a CPU, past about this many
+# rows a backward gains nothing more (each weight is already read once for all of them) and its
+# activations fall out of the caches: the fastest chunks measured were 20 steps of 40 positions on a
+# 2x64 GPT-2, 4-8 steps of 100 on a 6x256 one and 8 of 100 on a 12x768 one (16 were slower on both).
+# Accelerators are not capped (not measured; they favour large batches).
+CPU_POSITIONS_PER_BACKWARD = 800
+
+
+def backward_bytes_per_step(layout: StepLayout, rows: int, length: int) -> int:
+    """What one more step adds to a vectorised backward, in bytes (float32): the gradients it holds at
+    once inside one layer (the feed-forward's inner activations twice, a few hidden-size tensors, the
+    attention scores twice); a layer's are freed before the next layer's are made. Measured on a 6x256
+    GPT-2 with 100 positions: 1.5 MB a step, estimated 1.9 MB."""
+    inner = layout.inner_size or 4 * layout.hidden_size
+    return rows * length * 4 * (2 * inner + 4 * layout.hidden_size + 2 * layout.num_heads * length)
+
+
+# Two segments: a third saved less than it cost on a 12x768 GPT-2 (each segment a backward passes through
+# reads every weight once more) and about as much as it cost on a 6x256 one; two were the fastest on both.
+AUTO_SEGMENTS = 2
+
+
+def plan_segments(strategy: BackwardStrategy, layout: StepLayout, chunk: int) -> list[range] | None:
+    """The steps of each forward segment (consecutive, whole chunks of ``chunk`` steps), or None for
+    one whole forward. Only when every row attributes the same positions (one sequence, or stacked
+    copies of it): a segment's steps are then the same for every row."""
+    wanted = strategy.segments
+    chunks = -(-layout.num_steps // max(chunk, 1))
+    if wanted is None:
+        wanted = AUTO_SEGMENTS if chunks >= AUTO_SEGMENTS else 1
+    wanted = min(wanted, chunks)
+    if wanted <= 1 or not bool(layout.valid.all()) or not bool((layout.positions == layout.positions[:1]).all()):
+        return None
+    # whole chunks per segment, spread evenly
+    bounds = [round(chunks * i / wanted) * chunk for i in range(wanted)] + [layout.num_steps]
+    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 class HeadRecorder:
@@ -147,6 +210,7 @@ def step_gradients(
     retain_graph: bool = False,
     row_weights: Sequence[torch.Tensor | float] | None = None,
     report: Callable[[range], None] = lambda steps: None,
+    segments: Sequence[tuple[torch.Tensor, range]] | None = None,
 ) -> list[torch.Tensor]:
     """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input.
 
@@ -162,31 +226,42 @@ def step_gradients(
             are ``R`` stacked copies of the batch (integration points, samples) and the gradients are
             weighted and summed over the copies, giving ``[B, L, N, ...]``.
         report: called with the range of steps after each chunk (progress).
+        segments: when the forward ran in segments, each segment's output-projection input (the last
+            ``T_s`` positions before the segment's end) and the steps it predicts; ``head`` is then unused.
     """
     if row_weights is not None and not strategy.sum_points:
-        grads = _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, None, report)
+        grads = _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, None, report, segments)
         out = []
         for g, w in zip(grads, row_weights):
             weighted = g * (w.unsqueeze(2) if isinstance(w, torch.Tensor) else w)
             out.append(weighted.view(-1, layout.batch_size, *g.shape[1:]).sum(0))
         return out
-    return _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report)
+    return _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report,
+                           segments)
 
 
-def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report):
+def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report, segments=None):
     rows, n = scores.shape
     chunk = strategy.steps_per_chunk(layout, rows, max(t.shape[1] for t in inputs), budget)
-    split = strategy.split_at_head and head is not None
-    if split:
-        # Every step's gradient at the output projection's input, in one ordinary backward. Without
-        # retain_graph this frees what only the part above the head saved (the softmax over the
-        # vocabulary); the part below is not run, so it keeps its buffers.
-        (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=retain_graph)
-        seeds_of = _head_seeds(layout, head_grad)
-        outputs = head
+    if segments is not None and strategy.split_at_head:
+        # One ordinary backward down to every segment's output-projection input; then each segment's
+        # steps from its own (a segment's end is where the next one's positions start).
+        heads = [h for h, _ in segments]
+        head_grads = torch.autograd.grad(scores.sum(), heads, retain_graph=retain_graph)
+        ends = _segment_ends(layout, segments)
+        plan = [(i, h, _head_seeds(layout, g, end), steps)
+                for i, ((h, steps), g, end) in enumerate(zip(segments, head_grads, ends))]
+        split = True
     else:
-        seeds_of = _score_seeds(rows, n, scores)
-        outputs = scores
+        split = strategy.split_at_head and head is not None
+        if split:
+            # Every step's gradient at the output projection's input, in one ordinary backward. Without
+            # retain_graph this frees what only the part above the head saved (the softmax over the
+            # vocabulary); the part below is not run, so it keeps its buffers.
+            (head_grad,) = torch.autograd.grad(scores.sum(), head, retain_graph=retain_graph)
+            plan = [(None, head, _head_seeds(layout, head_grad), range(n))]
+        else:
+            plan = [(None, scores, _score_seeds(rows, n, scores), range(n))]
     # Each chunk's gradients go straight into the result, allocated once up front: the heap then
     # reuses one hole for every chunk's temporary instead of stacking them up beside the graph's
     # buffers, and there is no join (a second copy) at the end.
@@ -194,11 +269,13 @@ def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph
     # Sums over integration points accumulate in float32 even for half-precision models.
     dtypes = [torch.promote_types(x.dtype, torch.float32) if row_weights is not None else x.dtype for x in inputs]
     results = [x.new_empty((out_rows, x.shape[1], n, *x.shape[2:]), dtype=d) for x, d in zip(inputs, dtypes)]
-    for start in range(0, n, chunk):
-        steps = range(start, min(start + chunk, n))
-        keep = retain_graph or steps.stop < n
+    chunks = [(segment, outputs, seeds_of, range(start, min(start + chunk, part.stop)))
+              for segment, outputs, seeds_of, part in plan for start in range(part.start, part.stop, chunk)]
+    for number, (segment, outputs, seeds_of, steps) in enumerate(chunks):
+        # the later segments' graphs hold the earlier ones: keep all until the last backward
+        keep = retain_graph or number + 1 < len(chunks)
         grads = batched_grad(outputs, inputs, seeds_of(steps), keep)
-        strategy.records.append(BackwardRecord(len(steps), split))
+        strategy.records.append(BackwardRecord(len(steps), split, segment))
         for i, (result, g) in enumerate(zip(results, grads)):
             if g is None:  # an input the scores do not depend on: zero gradient
                 result[:, :, steps.start : steps.stop].zero_()
@@ -211,14 +288,22 @@ def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph
     return results
 
 
-def _head_seeds(layout: StepLayout, head_grad: torch.Tensor) -> Callable[[range], torch.Tensor]:
-    """Per-step seeds ``[steps, rows, T, hidden]``: step k keeps only the row that predicts it."""
+def _segment_ends(layout: StepLayout, segments: Sequence[tuple[torch.Tensor, range]]) -> list[int]:
+    """Where each segment's positions end: where the next segment's first step is predicted, the
+    sequence's end for the last."""
+    starts = [int(layout.positions[0, steps.start]) - 1 for _, steps in segments[1:]]
+    return starts + [layout.target_length]
+
+
+def _head_seeds(layout: StepLayout, head_grad: torch.Tensor, end: int | None = None) -> Callable[[range], torch.Tensor]:
+    """Per-step seeds ``[steps, rows, T, hidden]``: step k keeps only the row that predicts it.
+    ``end``: the absolute position where the head's input ends (default: the sequence's end)."""
     rows, length, _ = head_grad.shape
     repeat = rows // layout.batch_size
     predicting = (layout.positions - 1).repeat(repeat, 1).T  # [N, rows]
     valid = layout.valid.repeat(repeat, 1).T
-    # absolute position of each row of the head's input (the last ``length`` of T)
-    time = torch.arange(length, device=head_grad.device) + (layout.target_length - length)
+    # absolute position of each row of the head's input (the last ``length`` before ``end``)
+    time = torch.arange(length, device=head_grad.device) + ((layout.target_length if end is None else end) - length)
     # [N, rows, T, 1]: which row of the head's input predicts each (valid) step
     pick = ((predicting.unsqueeze(-1) == time) & valid.unsqueeze(-1)).unsqueeze(-1).to(head_grad.dtype)
     return lambda steps: pick[steps.start : steps.stop] * head_grad

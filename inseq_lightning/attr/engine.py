@@ -11,7 +11,9 @@ sides), the step scorer (:mod:`.step_scorer`: every score from the logits) and t
 (:mod:`.backward`: per-step gradients).
 """
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,9 +21,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import ModelOutput
 
+from ..utils.kv_cache import is_plain_cache, returned_cache
 from ..utils.model_dims import model_dims
 from ..utils.sharding import has_sharded_parameters
-from .backward import SHARDED_MEMORY_BUDGET_BYTES, HeadRecorder, StepLayout, default_memory_budget, step_gradients
+from .backward import (
+    SHARDED_MEMORY_BUDGET_BYTES,
+    HeadRecorder,
+    StepLayout,
+    default_memory_budget,
+    plan_segments,
+    step_gradients,
+)
 from .step_scorer import StepScorer
 
 if TYPE_CHECKING:
@@ -30,6 +40,10 @@ if TYPE_CHECKING:
     from .request import AttributionRequest
 
 __all__ = ["EngineContext", "default_memory_budget", "interpolation_chunks", "nan_future_positions"]
+
+# Models whose forward turned out not to return a plain key/value cache (sliding-window layers, recurrent
+# states): they run whole forwards from then on.
+_NO_PLAIN_CACHE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -78,9 +92,11 @@ class EngineContext:
         dims = model_dims(self.model.model.config)
         self.layout = StepLayout(
             self.positions, self.valid, self.batch.target_ids.shape[1],
-            hidden_size=dims.hidden, num_layers=dims.layers,
+            hidden_size=dims.hidden, num_layers=dims.layers, inner_size=dims.inner, num_heads=dims.heads,
         )
         self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
+        self._sharded = sharded
+        self._segments: list[tuple[torch.Tensor, range]] | None = None  # of the last forward, for its backward
         # From the batch's host-side lists: no device sync per batch or per report.
         lengths = [len(positions) for positions in self.batch.step_positions]
         self._tokens_per_step = [sum(length > k for length in lengths) for k in range(self.num_steps)]
@@ -151,10 +167,64 @@ class EngineContext:
     # ---- forward --------------------------------------------------------------------------
     def forward(self, inputs: Sequence[torch.Tensor], repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model on attributed embeddings ``inputs`` (as returned by :meth:`embeddings`,
-        possibly interpolated), whose batch is ``repeat`` stacked copies of the batch."""
+        possibly interpolated), whose batch is ``repeat`` stacked copies of the batch.
+
+        On decoder-only models with a plain key/value cache, a forward whose per-step backwards follow
+        runs in segments (``BackwardStrategy.segments``): the same numbers, and each step's backward then
+        covers only the segments up to its own (:mod:`.backward`)."""
+        self._segments = None
+        plan = self._segment_plan(inputs, repeat, kwargs)
+        if plan is not None:
+            output = self._segmented_forward(inputs[0], repeat, plan)
+            if output is not None:
+                return output
         with self.head_recorder.recording():
             return self.adapter.forward_embeddings(self.batch, inputs, self.decoder_embeddings, repeat,
                                                    **{**self._forward_kwargs, **kwargs})
+
+    def _segment_plan(self, inputs: Sequence[torch.Tensor], repeat: int, kwargs: dict) -> list[range] | None:
+        """The steps of each forward segment, or None for one whole forward: segments need a forward
+        with gradient on one attributed input, without extra arguments, and a model whose forward
+        continues a plain cache (decoder-only, not sharded, not known to return another cache)."""
+        if (kwargs or len(inputs) != 1 or not inputs[0].requires_grad or not torch.is_grad_enabled()
+                or self._sharded or not self.request.backward.split_at_head
+                or not isinstance(self.model.model.get_output_embeddings(), torch.nn.Linear)
+                or self.adapter.model in _NO_PLAIN_CACHE or self.adapter.prefix_cache_argument() is None):
+            return None
+        rows = repeat * self.batch.size
+        chunk = self.request.backward.steps_per_chunk(self.layout, rows, inputs[0].shape[1], self.memory_budget_bytes)
+        return plan_segments(self.request.backward, self.layout, chunk)
+
+    def _segmented_forward(self, x: torch.Tensor, repeat: int, plan: list[range]) -> ModelOutput | None:
+        """The forward of ``plan``'s segments, each continuing the previous one's key/value cache (which
+        carries the gradient), the logits joined as one forward keeps them; None when the model's cache
+        is not a plain one (the caller runs one whole forward)."""
+        first_predicting = int(self.positions[0, 0]) - 1
+        bounds = [0] + [int(self.positions[0, steps.start]) - 1 for steps in plan[1:]] + [x.shape[1]]
+        mask = self.batch.target_mask.repeat(repeat, 1)
+        cache_name = self.adapter.prefix_cache_argument()
+        kwargs = {**self.model.forward_defaults, "use_cache": True}
+        cache, logits = None, []
+        with self.head_recorder.recording():
+            for start, end in itertools.pairwise(bounds):
+                segment_kwargs = dict(kwargs)
+                if cache is not None:
+                    segment_kwargs[cache_name] = cache
+                if self.model.can_skip_logits:  # as the whole forward: from the first predicting position
+                    segment_kwargs["logits_to_keep"] = end - max(start, first_predicting)
+                output = self.adapter.model(inputs_embeds=x[:, start:end], attention_mask=mask[:, :end],
+                                            **segment_kwargs)
+                cache = returned_cache(output)
+                if not is_plain_cache(cache, end):
+                    _NO_PLAIN_CACHE.add(self.adapter.model)
+                    return None
+                logits.append(output.logits)
+                del output
+        heads = self.head_recorder.inputs
+        self.head_recorder.inputs = []
+        if len(heads) == len(plan):
+            self._segments = list(zip(heads, plan))
+        return ModelOutput(logits=torch.cat(logits, dim=1))
 
     def forward_ids_with_layer(self, layer_output: torch.Tensor, repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model from token ids, replacing the embedding layer's output (the one that
@@ -181,10 +251,11 @@ class EngineContext:
         """Gradients of each step's score w.r.t. each input: ``[rows, L, N, ...]`` per input
         (``[B, L, N, ...]`` weighted sums over the stacked copies with ``row_weights``); see
         :func:`~inseq_lightning.attr.backward.step_gradients`."""
-        head = self.head_recorder.split_point(scores.shape[0], self.layout.target_length)
+        segments, self._segments = self._segments, None
+        head = None if segments else self.head_recorder.split_point(scores.shape[0], self.layout.target_length)
         try:
             return step_gradients(self.request.backward, self.layout, self.memory_budget_bytes, scores, inputs, head,
-                                  retain_graph, row_weights, self.report_steps_done)
+                                  retain_graph, row_weights, self.report_steps_done, segments)
         finally:
             self.head_recorder.inputs = []
 

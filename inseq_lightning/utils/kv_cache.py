@@ -37,6 +37,17 @@ def returned_cache(output):
     return output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
 
 
+def is_plain_cache(cache, length: int) -> bool:
+    """``cache`` is a full-attention ``DynamicCache`` holding ``length`` positions of every layer: what a
+    later forward can continue exactly as one forward over the whole sequence would."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return False
+    return (isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+            and cache.get_seq_length() == length)
+
+
 def prefix_cache(model: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, start: int,
                  forward_defaults: dict | None = None, can_skip_logits: bool = False):
     """The key/value cache of positions ``< start`` of ``embeds`` ``[B, L, D]`` (one forward without
@@ -50,10 +61,6 @@ def prefix_cache(model: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tenso
         forward_defaults: extra forward arguments (``use_cache`` is set to True).
         can_skip_logits: the forward takes ``logits_to_keep`` (only the last position's logits are made).
     """
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:
-        return None
     kwargs = {**(forward_defaults or {}), "use_cache": True}
     if can_skip_logits:
         kwargs["logits_to_keep"] = 1
@@ -61,10 +68,7 @@ def prefix_cache(model: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tenso
         output = model(inputs_embeds=embeds[:, :start], attention_mask=mask[:, :start], **kwargs)
     cache = returned_cache(output)
     del output
-    if (not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers)
-            or cache.get_seq_length() != start):
-        return None
-    return cache
+    return cache if is_plain_cache(cache, start) else None
 
 
 def expanded(cache, index: torch.Tensor):
@@ -76,4 +80,4 @@ def expanded(cache, index: torch.Tensor):
     return out
 
 
-__all__ = ["cache_argument", "expanded", "prefix_cache", "returned_cache"]
+__all__ = ["cache_argument", "expanded", "is_plain_cache", "prefix_cache", "returned_cache"]
