@@ -158,6 +158,11 @@ def test_one_sequence_runs_its_forward_in_segments_and_its_steps_backpropagate_f
     a, b = out.target_attributions, whole.target_attributions
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.nan_to_num().abs().max().item(), equal_nan=True)
     torch.testing.assert_close(out.step_scores["probability"], whole.step_scores["probability"], rtol=1e-6, atol=0)
+    # A step function's extra forward without gradient (mc_dropout_prob_avg's noisy ones) between the
+    # forward and its backwards leaves the segments and the split at the output layer in place.
+    noisy = BackwardStrategy(steps_per_backward=5)
+    am.attribute(prompt, full, step_scores=["mc_dropout_prob_avg"], show_progress=False, backward_strategy=noisy)
+    assert [(r.steps, r.split, r.segment) for r in noisy.records] == [(5, True, 0)] * 5 + [(5, True, 1)] * 5
 
 
 def test_attention_without_step_scores_skips_the_output_layer_with_the_same_numbers(hf_models):

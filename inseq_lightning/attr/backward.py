@@ -23,6 +23,7 @@ of the positions.
 
 import contextlib
 import itertools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,8 @@ class StepLayout:
     num_layers: int
     inner_size: int | None = None  # the feed-forward width (None: 4 x hidden)
     num_heads: int = 8
+    kv_dim: int | None = None  # keys (or values) per position and layer (None: hidden)
+    vocab_size: int | None = None  # (None: 50k)
 
     @property
     def batch_size(self) -> int:
@@ -110,15 +113,23 @@ class BackwardStrategy:
     def __post_init__(self):
         for name in ("steps_per_backward", "segments"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is None:
+                continue
+            try:  # ints and numpy integers; not bools, floats or strings
+                number = operator.index(value) if not isinstance(value, bool) else None
+            except TypeError:
+                number = None
+            if number is None or number < 1:
                 raise ValueError(f"BackwardStrategy.{name} must be a positive integer or None, got {value!r}")
+            setattr(self, name, number)
 
-    def steps_per_chunk(self, layout: StepLayout, rows: int, length: int, budget: int) -> int:
+    def steps_per_chunk(self, layout: StepLayout, rows: int, length: int, budget: int, split: bool = True,
+                        segmented: bool = False) -> int:
         """How many steps one vectorised backward covers: as many as the memory budget holds
         (:func:`backward_bytes_per_step`), on a CPU at most :data:`CPU_POSITIONS_PER_BACKWARD` positions."""
         if self.steps_per_backward is not None:
             return max(1, min(layout.num_steps, self.steps_per_backward))
-        steps = int(budget // max(backward_bytes_per_step(layout, rows, length), 1))
+        steps = int(budget // max(backward_bytes_per_step(layout, rows, length, split, segmented), 1))
         if layout.positions.device.type == "cpu":
             steps = min(steps, CPU_POSITIONS_PER_BACKWARD // max(rows * length, 1))
         return max(1, min(layout.num_steps, steps))
@@ -132,13 +143,24 @@ class BackwardStrategy:
 CPU_POSITIONS_PER_BACKWARD = 800
 
 
-def backward_bytes_per_step(layout: StepLayout, rows: int, length: int) -> int:
+def backward_bytes_per_step(layout: StepLayout, rows: int, length: int, split: bool = True,
+                            segmented: bool = False) -> int:
     """What one more step adds to a vectorised backward, in bytes (float32): the gradients it holds at
     once inside one layer (the feed-forward's inner activations twice, a few hidden-size tensors, the
     attention scores twice); a layer's are freed before the next layer's are made. Measured on a 6x256
-    GPT-2 with 100 positions: 1.5 MB a step, estimated 1.9 MB."""
+    GPT-2 with 100 positions: 1.5 MB a step, estimated 1.9 MB.
+
+    ``split``: False when the backward starts at the scores, not at the output layer's input: each step
+    then also holds the gradient of the logits (twice the vocabulary per position). ``segmented``: the
+    forward ran in segments: autograd finishes a later segment before it enters an earlier one, so the
+    gradients of the earlier segments' keys and values (every layer's) wait meanwhile."""
     inner = layout.inner_size or 4 * layout.hidden_size
-    return rows * length * 4 * (2 * inner + 4 * layout.hidden_size + 2 * layout.num_heads * length)
+    per_position = 2 * inner + 4 * layout.hidden_size + 2 * layout.num_heads * length
+    if not split:
+        per_position += 2 * (layout.vocab_size or 50_000)
+    if segmented:
+        per_position += 2 * (layout.kv_dim or layout.hidden_size) * max(layout.num_layers, 1)
+    return rows * length * 4 * per_position
 
 
 # Two segments: a third saved less than it cost on a 12x768 GPT-2 (each segment a backward passes through
@@ -242,7 +264,9 @@ def step_gradients(
 
 def _step_gradients(strategy, layout, budget, scores, inputs, head, retain_graph, row_weights, report, segments=None):
     rows, n = scores.shape
-    chunk = strategy.steps_per_chunk(layout, rows, max(t.shape[1] for t in inputs), budget)
+    split = strategy.split_at_head and (segments is not None or head is not None)
+    chunk = strategy.steps_per_chunk(layout, rows, max(t.shape[1] for t in inputs), budget, split,
+                                     split and segments is not None)
     if segments is not None and strategy.split_at_head:
         # One ordinary backward down to every segment's output-projection input; then each segment's
         # steps from its own (a segment's end is where the next one's positions start).

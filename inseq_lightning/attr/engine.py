@@ -93,6 +93,7 @@ class EngineContext:
         self.layout = StepLayout(
             self.positions, self.valid, self.batch.target_ids.shape[1],
             hidden_size=dims.hidden, num_layers=dims.layers, inner_size=dims.inner, num_heads=dims.heads,
+            kv_dim=dims.kv_dim, vocab_size=dims.vocab,
         )
         self._forward_kwargs = {**self.model.forward_defaults, **self._logits_to_keep()}
         self._sharded = sharded
@@ -172,6 +173,9 @@ class EngineContext:
         On decoder-only models with a plain key/value cache, a forward whose per-step backwards follow
         runs in segments (``BackwardStrategy.segments``): the same numbers, and each step's backward then
         covers only the segments up to its own (:mod:`.backward`)."""
+        if not torch.is_grad_enabled():  # a step function's extra forward: the last backward's forward stays
+            return self.adapter.forward_embeddings(self.batch, inputs, self.decoder_embeddings, repeat,
+                                                   **{**self._forward_kwargs, **kwargs})
         self._segments = None
         plan = self._segment_plan(inputs, repeat, kwargs)
         if plan is not None:
@@ -192,7 +196,12 @@ class EngineContext:
                 or self.adapter.model in _NO_PLAIN_CACHE or self.adapter.prefix_cache_argument() is None):
             return None
         rows = repeat * self.batch.size
-        chunk = self.request.backward.steps_per_chunk(self.layout, rows, inputs[0].shape[1], self.memory_budget_bytes)
+        # The segments' logits are joined into one tensor, a copy: only when that copy fits in the budget.
+        kept = self._forward_kwargs.get("logits_to_keep", inputs[0].shape[1])
+        if rows * kept * (self.layout.vocab_size or 50_000) * inputs[0].element_size() > self.memory_budget_bytes:
+            return None
+        chunk = self.request.backward.steps_per_chunk(self.layout, rows, inputs[0].shape[1], self.memory_budget_bytes,
+                                                      split=True, segmented=True)
         return plan_segments(self.request.backward, self.layout, chunk)
 
     def _segmented_forward(self, x: torch.Tensor, repeat: int, plan: list[range]) -> ModelOutput | None:
@@ -229,6 +238,8 @@ class EngineContext:
     def forward_ids_with_layer(self, layer_output: torch.Tensor, repeat: int = 1, **kwargs) -> ModelOutput:
         """Run the model from token ids, replacing the embedding layer's output (the one that
         embeds the attributed side) with ``layer_output``."""
+        if torch.is_grad_enabled():
+            self._segments = None  # a whole forward: its backward splits at its own head
         with self.head_recorder.recording():
             return self.adapter.forward_ids_with_layer(self.batch, layer_output, self.decoder_embeddings, repeat,
                                                        **{**self._forward_kwargs, **kwargs})
