@@ -25,7 +25,7 @@ import torch
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-def _switchable(module: torch.nn.Module) -> bool:
+def _switchable(module: torch.nn.Module, activations) -> bool:
     """A transformers Python tanh-GELU module running transformers' own formula, owned by its model.
 
     Exact types (a subclass may compute something else), whose class ``forward`` is still transformers'
@@ -33,10 +33,6 @@ def _switchable(module: torch.nn.Module) -> bool:
     Not the process-wide instances of ``transformers.activations`` (``gelu_new``, ``gelu_fast``): OpenAI-GPT's
     layers all hold that one object, so switching it would switch every such model of the process, models
     this call does not attribute included."""
-    try:
-        from transformers import activations
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
     cls = type(module)
     if cls not in (activations.NewGELUActivation, activations.FastGELUActivation) or "forward" in module.__dict__:
         return False
@@ -60,10 +56,12 @@ def fused_activations(model: torch.nn.Module) -> Iterator[int]:
     """Run the model's Python tanh-GELU modules as the fused kernel inside the block; yields how many
     modules were switched (see :func:`_switchable` for those left alone). On exit only the ``forward``
     this block installed is removed: one a user sets meanwhile stays."""
+    from transformers import activations
+
     switched = []
     try:
         for module in model.modules():
-            if _switchable(module):
+            if _switchable(module, activations):
                 fused = _fused_tanh_gelu(module.forward)
                 module.forward = fused
                 switched.append((module, fused))
