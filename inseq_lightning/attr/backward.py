@@ -60,7 +60,7 @@ class StepLayout:
     inner_size: int | None = None  # the feed-forward width (None: 4 x hidden)
     num_heads: int = 8
     kv_dim: int | None = None  # keys (or values) per position and layer (None: hidden)
-    vocab_size: int | None = None  # (None: 50k)
+    vocab_size: int | None = None  # (None: VOCAB_SIZE_WHEN_UNKNOWN)
 
     @property
     def batch_size(self) -> int:
@@ -135,6 +135,9 @@ class BackwardStrategy:
         return max(1, min(layout.num_steps, steps))
 
 
+# What the memory estimates assume of a config that does not say its vocabulary size.
+VOCAB_SIZE_WHEN_UNKNOWN = 50_000
+
 # The vectorised backward's matrix products have steps x positions rows. On a CPU, past about this many
 # rows a backward gains nothing more (each weight is already read once for all of them) and its
 # activations fall out of the caches: the fastest chunks measured were 20 steps of 40 positions on a
@@ -157,7 +160,7 @@ def backward_bytes_per_step(layout: StepLayout, rows: int, length: int, split: b
     inner = layout.inner_size or 4 * layout.hidden_size
     per_position = 2 * inner + 4 * layout.hidden_size + 2 * layout.num_heads * length
     if not split:
-        per_position += 2 * (layout.vocab_size or 50_000)
+        per_position += 2 * (layout.vocab_size or VOCAB_SIZE_WHEN_UNKNOWN)
     if segmented:
         per_position += 2 * (layout.kv_dim or layout.hidden_size) * max(layout.num_layers, 1)
     return rows * length * 4 * per_position

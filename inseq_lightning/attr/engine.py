@@ -26,6 +26,7 @@ from ..utils.model_dims import model_dims
 from ..utils.sharding import has_sharded_parameters
 from .backward import (
     SHARDED_MEMORY_BUDGET_BYTES,
+    VOCAB_SIZE_WHEN_UNKNOWN,
     HeadRecorder,
     StepLayout,
     default_memory_budget,
@@ -177,41 +178,46 @@ class EngineContext:
             return self.adapter.forward_embeddings(self.batch, inputs, self.decoder_embeddings, repeat,
                                                    **{**self._forward_kwargs, **kwargs})
         self._segments = None
-        plan = self._segment_plan(inputs, repeat, kwargs)
+        cache_name = self._segment_cache_argument(inputs, kwargs)
+        plan = self._segment_plan(inputs, repeat) if cache_name is not None else None
         if plan is not None:
-            output = self._segmented_forward(inputs[0], repeat, plan)
+            output = self._segmented_forward(inputs[0], repeat, plan, cache_name)
             if output is not None:
                 return output
         with self.head_recorder.recording():
             return self.adapter.forward_embeddings(self.batch, inputs, self.decoder_embeddings, repeat,
                                                    **{**self._forward_kwargs, **kwargs})
 
-    def _segment_plan(self, inputs: Sequence[torch.Tensor], repeat: int, kwargs: dict) -> list[range] | None:
-        """The steps of each forward segment, or None for one whole forward: segments need a forward
-        with gradient on one attributed input, without extra arguments, and a model whose forward
-        continues a plain cache (decoder-only, not sharded, not known to return another cache)."""
+    def _segment_cache_argument(self, inputs: Sequence[torch.Tensor], kwargs: dict) -> str | None:
+        """The forward argument a segment's cache goes in, or None where segments cannot run: they need a
+        forward with gradient on one attributed input, without extra arguments, split at a ``Linear``
+        output layer, and a model whose forward continues a plain cache (decoder-only, not sharded, not
+        known to return another cache)."""
         if (kwargs or len(inputs) != 1 or not inputs[0].requires_grad or not torch.is_grad_enabled()
                 or self._sharded or not self.request.backward.split_at_head
                 or not isinstance(self.model.model.get_output_embeddings(), torch.nn.Linear)
-                or self.adapter.model in _NO_PLAIN_CACHE or self.adapter.prefix_cache_argument() is None):
+                or self.adapter.model in _NO_PLAIN_CACHE):
             return None
+        return self.adapter.prefix_cache_argument()
+
+    def _segment_plan(self, inputs: Sequence[torch.Tensor], repeat: int) -> list[range] | None:
+        """The steps of each forward segment, or None for one whole forward."""
         rows = repeat * self.batch.size
         # The segments' logits are joined into one tensor, a copy: only when that copy fits in the budget.
         kept = self._forward_kwargs.get("logits_to_keep", inputs[0].shape[1])
-        if rows * kept * (self.layout.vocab_size or 50_000) * inputs[0].element_size() > self.memory_budget_bytes:
+        if rows * kept * (self.layout.vocab_size or VOCAB_SIZE_WHEN_UNKNOWN) * inputs[0].element_size() > self.memory_budget_bytes:
             return None
         chunk = self.request.backward.steps_per_chunk(self.layout, rows, inputs[0].shape[1], self.memory_budget_bytes,
                                                       split=True, segmented=True)
         return plan_segments(self.request.backward, self.layout, chunk)
 
-    def _segmented_forward(self, x: torch.Tensor, repeat: int, plan: list[range]) -> ModelOutput | None:
+    def _segmented_forward(self, x: torch.Tensor, repeat: int, plan: list[range], cache_name: str) -> ModelOutput | None:
         """The forward of ``plan``'s segments, each continuing the previous one's key/value cache (which
         carries the gradient), the logits joined as one forward keeps them; None when the model's cache
         is not a plain one (the caller runs one whole forward)."""
         first_predicting = int(self.positions[0, 0]) - 1
         bounds = [0] + [int(self.positions[0, steps.start]) - 1 for steps in plan[1:]] + [x.shape[1]]
         mask = self.batch.target_mask.repeat(repeat, 1)
-        cache_name = self.adapter.prefix_cache_argument()
         kwargs = {**self.model.forward_defaults, "use_cache": True}
         cache, logits = None, []
         with self.head_recorder.recording():
